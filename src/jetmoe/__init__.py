@@ -1,0 +1,1 @@
+"""JetMoE: Mixture of Attention heads + Mixture of MLP experts."""
