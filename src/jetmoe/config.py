@@ -1,0 +1,194 @@
+"""JetMoeConfig: the Hugging Face JetMoe fields and defaults, validation, presets, parameter counts."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+EXPERT_IMPLS = ("auto", "grouped", "loop")
+PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
+
+# Keys that transformers writes into config.json but that carry no model information for us.
+_HF_BOOKKEEPING = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
+    "id2label", "label2id", "return_dict", "output_hidden_states", "output_attentions", "chunk_size_feed_forward",
+    "is_encoder_decoder", "tokenizer_class", "prefix", "sep_token_id", "decoder_start_token_id", "task_specific_params",
+    "problem_type_", "_attn_implementation_autoset", "head_dim", "num_attention_heads", "rope_scaling",
+}
+
+
+@dataclass
+class JetMoeConfig:
+    """Configuration of a JetMoE model.
+
+    Field names and defaults are those of `transformers.JetMoeConfig`, so a `config.json` written by either
+    library loads in the other. Beyond HF: `router_z_loss_coef` (0 keeps numbers HF-identical), `expert_impl`,
+    `num_labels` / `problem_type` (sequence classification).
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    num_hidden_layers: int = 12
+    num_key_value_heads: int = 16
+    kv_channels: int = 128
+    intermediate_size: int = 5632
+    max_position_embeddings: int = 4096
+    activation_function: str = "silu"
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    output_router_logits: bool = False
+    aux_loss_coef: float = 0.01
+    use_cache: bool = True
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    pad_token_id: int | None = None
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.01
+    attention_dropout: float = 0.0
+    # Beyond transformers.
+    router_z_loss_coef: float = 0.0
+    expert_impl: str = "auto"
+    num_labels: int = 2
+    problem_type: str | None = None
+    rope_parameters: dict[str, Any] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.rope_parameters is not None:  # transformers >= 5 spelling
+            self.rope_theta = float(self.rope_parameters.get("rope_theta", self.rope_theta))
+            rope_type = self.rope_parameters.get("rope_type", "default")
+            if rope_type != "default":
+                raise ValueError(f"rope_parameters.rope_type must be 'default', got {rope_type!r}")
+        self.rope_parameters = {"rope_theta": float(self.rope_theta), "rope_type": "default"}
+        self.validate()
+
+    # ------------------------------------------------------------------ derived
+    @property
+    def num_attention_heads(self) -> int:
+        return self.num_key_value_heads * self.num_experts_per_tok
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels
+
+    # ------------------------------------------------------------------ validation
+    def validate(self) -> None:
+        """Raise ValueError naming the first invalid field."""
+        positive = (
+            "vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "kv_channels",
+            "intermediate_size", "max_position_embeddings", "num_local_experts", "num_experts_per_tok", "num_labels",
+        )
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ValueError(
+                f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= num_local_experts "
+                f"({self.num_local_experts})"
+            )
+        if self.kv_channels % 2:
+            raise ValueError(f"kv_channels must be even for rotary embeddings, got {self.kv_channels}")
+        if self.activation_function not in ACTIVATIONS:
+            raise ValueError(f"activation_function must be one of {ACTIVATIONS}, got {self.activation_function!r}")
+        if self.expert_impl not in EXPERT_IMPLS:
+            raise ValueError(f"expert_impl must be one of {EXPERT_IMPLS}, got {self.expert_impl!r}")
+        if self.problem_type not in PROBLEM_TYPES:
+            raise ValueError(f"problem_type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
+        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        for name in ("aux_loss_coef", "router_z_loss_coef"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if not 0.0 <= self.attention_dropout < 1.0:
+            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
+        for name in ("bos_token_id", "pad_token_id"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value < self.vocab_size:
+                raise ValueError(f"{name} must be in [0, vocab_size={self.vocab_size}), got {value!r}")
+        for eos in self.eos_token_ids:
+            if not 0 <= eos < self.vocab_size:
+                raise ValueError(f"eos_token_id must be in [0, vocab_size={self.vocab_size}), got {eos!r}")
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        if self.eos_token_id is None:
+            return []
+        return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+
+    # ------------------------------------------------------------------ parameter counts
+    def num_parameters(self) -> dict[str, int]:
+        """Total and active (per token) parameter counts, embeddings included (tied: counted once)."""
+        d, E, k = self.hidden_size, self.num_local_experts, self.num_experts_per_tok
+        attn_width = self.num_key_value_heads * self.kv_channels
+        moa_expert = 2 * d * attn_width  # query + output projection of one attention expert
+        moe_expert = 3 * d * self.intermediate_size  # GLU input (2F x d) + output (d x F)
+        shared = 2 * d * attn_width + 2 * E * d + 2 * d + 2 * d  # kv_proj, 2 routers, 2 biases, 2 norms
+        embed = self.vocab_size * d * (1 if self.tie_word_embeddings else 2) + d  # + final norm
+        total = embed + self.num_hidden_layers * (shared + E * (moa_expert + moe_expert))
+        active = embed + self.num_hidden_layers * (shared + k * (moa_expert + moe_expert))
+        return {"total": total, "active": active}
+
+    # ------------------------------------------------------------------ (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        """A dict that `transformers.JetMoeConfig(**d)` accepts (and `config.json` content)."""
+        out = dataclasses.asdict(self)
+        out["model_type"] = "jetmoe"
+        out["num_attention_heads"] = self.num_attention_heads
+        return out
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "JetMoeConfig":
+        """Build from a dict (ours or a transformers `config.json`); unknown keys raise ValueError."""
+        d = dict(d)
+        model_type = d.get("model_type", "jetmoe")
+        if model_type != "jetmoe":
+            raise ValueError(f"model_type must be 'jetmoe', got {model_type!r}")
+        if "id2label" in d and "num_labels" not in d:
+            d["num_labels"] = len(d["id2label"])
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in d if k not in known and k not in _HF_BOOKKEEPING)
+        if unknown:
+            raise ValueError(f"unknown JetMoeConfig field(s): {', '.join(unknown)}")
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def replace(self, **changes: Any) -> "JetMoeConfig":
+        """A copy with some fields changed (validated)."""
+        changes.setdefault("rope_parameters", None)
+        if "rope_theta" not in changes:
+            changes["rope_theta"] = self.rope_theta
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ presets
+    @classmethod
+    def from_name(cls, name: str, **overrides: Any) -> "JetMoeConfig":
+        """A named preset: 'test' (unit tests), 'small' (CPU-trainable), 'jetmoe-8b' (the published model)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+        return cls(**{**PRESETS[name], **overrides})
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    # A few hundred thousand parameters: every unit test runs on it in milliseconds.
+    "test": dict(
+        vocab_size=128, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
+        intermediate_size=64, max_position_embeddings=256, num_local_experts=4, num_experts_per_tok=2,
+    ),
+    # A few million parameters, trains on 2 CPU cores in minutes (the default experiment).
+    "small": dict(
+        vocab_size=4096, hidden_size=128, num_hidden_layers=4, num_key_value_heads=4, kv_channels=32,
+        intermediate_size=256, max_position_embeddings=1024, num_local_experts=8, num_experts_per_tok=2,
+    ),
+    # JetMoE-8B (Shen et al. 2024): 24 layers, 8 experts top-2 in MoA and MoE, 16 KV heads x 128.
+    "jetmoe-8b": dict(
+        vocab_size=32000, hidden_size=2048, num_hidden_layers=24, num_key_value_heads=16, kv_channels=128,
+        intermediate_size=5632, max_position_embeddings=4096, num_local_experts=8, num_experts_per_tok=2,
+    ),
+}

@@ -1,0 +1,131 @@
+"""Autoregressive generation with a KV cache: greedy by default, or temperature / top-k / top-p sampling.
+
+Batches may be left-padded (pass `attention_mask`); position ids then count real tokens only. With
+`static_cache=True` the cache is preallocated and every decode step has the same shapes, so
+`compile=True` compiles the single-token step once (`fullgraph=True`) and reuses it for every token.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from jetmoe.model.attention import DynamicKVCache, StaticKVCache
+
+if TYPE_CHECKING:
+    from jetmoe.model.transformer import JetMoeForCausalLM
+
+
+def _filter_logits(logits_BV: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    if top_k is not None and top_k > 0:
+        kth_B1 = logits_BV.topk(min(top_k, logits_BV.shape[-1]), dim=-1).values[:, -1:]
+        logits_BV = logits_BV.masked_fill(logits_BV < kth_B1, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_BV, order_BV = logits_BV.sort(dim=-1, descending=True)
+        cum_BV = sorted_BV.softmax(-1).cumsum(-1)
+        drop_BV = cum_BV - sorted_BV.softmax(-1) > top_p  # keep the smallest set whose mass reaches top_p
+        logits_BV = logits_BV.masked_fill(drop_BV.scatter(-1, order_BV, drop_BV), float("-inf"))
+    return logits_BV
+
+
+def next_token(
+    logits_BV: torch.Tensor,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick one token per row: argmax, or a sample from the filtered, tempered distribution."""
+    if not do_sample:
+        return logits_BV.argmax(-1)
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    probs_BV = _filter_logits(logits_BV.float() / temperature, top_k, top_p).softmax(-1)
+    return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
+
+
+def _decode_step(model, ids_B1, position_B1, cache, cache_position_1, mask_BS):
+    out = model(
+        input_ids=ids_B1, attention_mask=mask_BS, position_ids=position_B1, cache=cache,
+        cache_position=cache_position_1, use_cache=True, logits_to_keep=1,
+    )
+    return out.logits[:, -1]
+
+
+def generate(
+    model: "JetMoeForCausalLM",
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None = None,
+    max_new_tokens: int = 20,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
+    static_cache: bool = False,
+    compile: bool = False,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Return `[B, T + n]` token ids, n <= max_new_tokens (stops early once every row has emitted EOS).
+
+    `eos_token_id` defaults to the config's; finished rows are filled with `pad_token_id` (or EOS).
+    """
+    if input_ids.dim() != 2 or input_ids.shape[1] == 0:
+        raise ValueError(f"input_ids must be a non-empty [batch, length] tensor, got shape {list(input_ids.shape)}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    config = model.config
+    B, T = input_ids.shape
+    total = T + max_new_tokens
+    if total > config.max_position_embeddings:
+        raise ValueError(
+            f"prompt length {T} + max_new_tokens {max_new_tokens} exceeds max_position_embeddings="
+            f"{config.max_position_embeddings}"
+        )
+    device = input_ids.device
+    eos = config.eos_token_ids if eos_token_id is None else (
+        list(eos_token_id) if isinstance(eos_token_id, (list, tuple)) else [eos_token_id]
+    )
+    pad = pad_token_id if pad_token_id is not None else (config.pad_token_id if config.pad_token_id is not None
+                                                         else (eos[0] if eos else 0))
+    eos_E = torch.tensor(eos, device=device, dtype=torch.long)
+
+    mask_BS = torch.ones(B, total, dtype=torch.long, device=device)
+    if attention_mask is not None:
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask shape {list(attention_mask.shape)} != input_ids shape {[B, T]}")
+        mask_BS[:, :T] = attention_mask
+    # Left padding: positions count real tokens only.
+    position_BS = (mask_BS.cumsum(-1) - 1).clamp(min=0)
+
+    was_training = model.training
+    model.eval()
+    if static_cache:
+        cache = StaticKVCache(config, B, total, device, model.dtype)
+    else:
+        cache = DynamicKVCache(config.num_hidden_layers)
+    step = torch.compile(_decode_step, fullgraph=True, dynamic=False) if compile else _decode_step
+
+    # Prefill the prompt.
+    logits_BV = _decode_step(
+        model, input_ids, position_BS[:, :T], cache, torch.arange(T, device=device),
+        mask_BS if static_cache else mask_BS[:, :T] if attention_mask is not None else None,
+    )
+    out_ids = [input_ids]
+    finished_B = torch.zeros(B, dtype=torch.bool, device=device)
+    for t in range(T, total):
+        ids_B = next_token(logits_BV, do_sample, temperature, top_k, top_p, generator)
+        ids_B = torch.where(finished_B, torch.full_like(ids_B, pad), ids_B)
+        out_ids.append(ids_B[:, None])
+        finished_B = finished_B | torch.isin(ids_B, eos_E)
+        if t == total - 1 or bool(finished_B.all()):
+            break
+        step_mask = mask_BS if static_cache else (mask_BS[:, : t + 1] if attention_mask is not None else None)
+        logits_BV = step(
+            model, ids_B[:, None], position_BS[:, t : t + 1], cache, torch.tensor([t], device=device), step_mask
+        )
+    model.train(was_training)
+    return torch.cat(out_ids, dim=1)

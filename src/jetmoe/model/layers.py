@@ -1,0 +1,80 @@
+"""Small building blocks: RMSNorm, rotary position embeddings, attention masks."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in fp32 and cast back (as transformers' JetMoeRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.empty(dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
+        x32_BTD = x_BTD.float()
+        x32_BTD = x32_BTD * torch.rsqrt(x32_BTD.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32_BTD.to(x_BTD.dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotary position embedding (RoPE); frequencies are recomputed in fp32, so there is no buffer to materialise."""
+
+    def __init__(self, head_dim: int, theta: float) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.theta = theta
+
+    def forward(self, position_ids_BT: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        exponent_H = torch.arange(0, self.head_dim, 2, device=position_ids_BT.device, dtype=torch.float32)
+        inv_freq_H = 1.0 / (self.theta ** (exponent_H / self.head_dim))  # H = head_dim / 2
+        freqs_BTH = position_ids_BT[..., None].float() * inv_freq_H
+        emb_BTD = torch.cat((freqs_BTH, freqs_BTH), dim=-1)
+        return emb_BTD.cos().to(dtype), emb_BTD.sin().to(dtype)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x_BHTD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor) -> torch.Tensor:
+    cos_B1TD, sin_B1TD = cos_BTD.unsqueeze(1), sin_BTD.unsqueeze(1)
+    return x_BHTD * cos_B1TD + _rotate_half(x_BHTD) * sin_B1TD
+
+
+def packed_causal_mask(position_ids_BT: torch.Tensor) -> torch.Tensor:
+    """Boolean `[B, 1, T, T]` mask for packed documents: causal, and no attention across document boundaries.
+
+    A document starts wherever `position_ids` is 0 (the packing convention of `jetmoe.data`).
+    """
+    doc_BT = torch.cumsum((position_ids_BT == 0).int(), dim=-1)
+    T = position_ids_BT.shape[-1]
+    causal_TT = torch.ones(T, T, dtype=torch.bool, device=position_ids_BT.device).tril()
+    same_doc_BTT = doc_BT[:, :, None] == doc_BT[:, None, :]
+    return (same_doc_BTT & causal_TT).unsqueeze(1)
+
+
+def causal_padding_mask(
+    attention_mask_BS: torch.Tensor | None, query_pos_BT: torch.Tensor, kv_len: int
+) -> torch.Tensor:
+    """Boolean `[B, 1, T, S]` mask: key slot s is visible to a query at absolute position p when s <= p and
+    `attention_mask[b, s]` is 1. A query that would see no key (a left-padding position) sees itself instead,
+    so softmax never gets an empty row.
+
+    `query_pos_BT` are cache slots (0..S-1) of the queries, `attention_mask_BS` covers all S key slots.
+    """
+    key_pos_S = torch.arange(kv_len, device=query_pos_BT.device)
+    visible_BTS = key_pos_S[None, None, :] <= query_pos_BT[:, :, None]
+    if attention_mask_BS is not None:
+        visible_BTS = visible_BTS & attention_mask_BS[:, None, :kv_len].bool()
+    itself_BTS = key_pos_S[None, None, :] == query_pos_BT[:, :, None]
+    visible_BTS = visible_BTS | (itself_BTS & ~visible_BTS.any(-1, keepdim=True))
+    return visible_BTS.unsqueeze(1)
