@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -92,7 +93,7 @@ def load_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
                 state_dict.update(load_file(path))
             else:
                 state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
-        except (SafetensorError, RuntimeError, OSError, EOFError) as err:
+        except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
             raise ValueError(f"{path}: unreadable or corrupted weights file ({err})") from None
     return state_dict
 

@@ -48,9 +48,12 @@ def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
     return _GROUPED_MM_SUPPORT[key]
 
 
-def resolve_expert_impl(impl: str, device: torch.device, dtype: torch.dtype) -> str:
+def resolve_expert_impl(impl: str, device: torch.device, dtype: torch.dtype, widths: tuple[int, ...] = ()) -> str:
+    """`auto` picks the grouped GEMM where the device runs it for this dtype and every matrix row is a multiple
+    of 16 bytes (its alignment rule), else the loop reference."""
     if impl == "auto":
-        return "grouped" if grouped_mm_supported(device.type, dtype) else "loop"
+        aligned = all(width * dtype.itemsize % 16 == 0 for width in widths)
+        return "grouped" if aligned and grouped_mm_supported(device.type, dtype) else "loop"
     return impl
 
 
@@ -154,7 +157,7 @@ class ParallelExperts(nn.Module):
         nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
 
     def forward(self, x_MI: torch.Tensor, routing: Routing, impl: str) -> torch.Tensor:
-        impl = resolve_expert_impl(impl, x_MI.device, x_MI.dtype)
+        impl = resolve_expert_impl(impl, x_MI.device, x_MI.dtype, tuple(self.weight.shape[1:]))
         return expert_linear(x_MI, self.weight, routing.counts_E, routing.offsets_E, impl)
 
 

@@ -111,7 +111,8 @@ class JetMoePreTrainedModel(nn.Module):
         device = torch.get_default_device()
         if device.type != "meta":
             self.to_empty(device=device)
-            self.tie_weights()
+        self.tie_weights()
+        if device.type != "meta":
             self.init_weights()
 
     def tie_weights(self) -> None:

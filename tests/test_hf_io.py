@@ -1,0 +1,102 @@
+"""HF-format checkpoints both ways, and loading errors that say what is wrong."""
+
+import json
+
+import pytest
+import torch
+
+from hf_reference import hf_twin
+from jetmoe import JetMoeConfig, JetMoeForCausalLM, JetMoeForSequenceClassification, JetMoeModel
+
+transformers = pytest.importorskip("transformers")
+
+
+def test_our_checkpoint_loads_in_transformers(tiny_config, tmp_path):
+    model = JetMoeForCausalLM(tiny_config).eval()
+    model.save_pretrained(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors"}
+    hf, info = transformers.JetMoeForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf.eval()(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_transformers_checkpoint_loads_here(tiny_config, tmp_path):
+    hf = hf_twin(JetMoeForCausalLM(tiny_config))
+    hf.save_pretrained(tmp_path)
+    model = JetMoeForCausalLM.from_pretrained(tmp_path).eval()
+    assert model.config.hidden_size == tiny_config.hidden_size
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, hf(ids).logits, atol=1e-5, rtol=0)
+
+
+def test_untied_head_and_base_model_round_trip(tiny_config, tmp_path):
+    model = JetMoeForCausalLM(tiny_config.replace(tie_word_embeddings=False))
+    model.save_pretrained(tmp_path / "lm")
+    again = JetMoeForCausalLM.from_pretrained(tmp_path / "lm")
+    assert torch.equal(again.lm_head.weight, model.lm_head.weight)
+    assert again.lm_head.weight is not again.model.embed_tokens.weight
+    base = JetMoeModel.from_pretrained(tmp_path / "lm")  # task checkpoint -> base model: `model.` prefix dropped
+    assert torch.equal(base.embed_tokens.weight, model.model.embed_tokens.weight)
+
+
+def test_sequence_classifier_round_trip_with_transformers(tiny_config, tmp_path):
+    model = JetMoeForSequenceClassification(tiny_config.replace(num_labels=3))
+    model.save_pretrained(tmp_path)
+    hf = transformers.JetMoeForSequenceClassification.from_pretrained(tmp_path)
+    assert hf.config.num_labels == 3
+    hf.save_pretrained(tmp_path / "back")
+    again = JetMoeForSequenceClassification.from_pretrained(tmp_path / "back")
+    assert torch.equal(again.score.weight, model.score.weight)
+
+
+def test_mismatched_checkpoint_lists_the_problems(tiny_config, tmp_path):
+    JetMoeForCausalLM(tiny_config.replace(hidden_size=32)).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["hidden_size"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="shape mismatch.*model.embed_tokens.weight"):
+        JetMoeForCausalLM.from_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda d: (d / "model.safetensors").write_bytes(b"\x00" * 10), "corrupted weights file"),
+        (lambda d: (d / "model.safetensors").unlink(), "no model.safetensors"),
+        (lambda d: (d / "config.json").write_text("{not json"), "not valid JSON"),
+        (lambda d: (d / "config.json").write_text('{"model_type": "llama"}'), "model_type must be 'jetmoe'"),
+        (lambda d: (d / "config.json").unlink(), "config.json: missing"),
+    ],
+)
+def test_broken_checkpoints_fail_with_the_file_named(tiny_config, tmp_path, corrupt, message):
+    JetMoeForCausalLM(tiny_config).save_pretrained(tmp_path)
+    corrupt(tmp_path)
+    with pytest.raises((ValueError, FileNotFoundError), match=message):
+        JetMoeForCausalLM.from_pretrained(tmp_path)
+
+
+def test_legacy_bin_is_loaded_without_unpickling_code(tiny_config, tmp_path):
+    model = JetMoeForCausalLM(tiny_config)
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
+    assert torch.equal(JetMoeForCausalLM.from_pretrained(tmp_path).lm_head.weight, model.lm_head.weight)
+
+    class Evil:
+        def __reduce__(self):
+            return (print, ("executed",))
+
+    torch.save({"x": Evil()}, tmp_path / "pytorch_model.bin")
+    with pytest.raises(ValueError, match="pytorch_model.bin"):
+        JetMoeForCausalLM.from_pretrained(tmp_path)
+
+
+def test_config_json_fields(tiny_config, tmp_path):
+    JetMoeForCausalLM(tiny_config).save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_type"] == "jetmoe" and config["architectures"] == ["JetMoeForCausalLM"]
+    assert JetMoeConfig.from_dict(config) == tiny_config
