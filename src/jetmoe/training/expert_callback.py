@@ -1,0 +1,304 @@
+"""Lightning callback that logs expert utilization, plus the end-of-run report (JSON, CSV, terminal table).
+
+The LightningModule's ``training_step`` / ``validation_step`` must return
+``{"loss": ..., "router_logits": tuple of detached [N, E] tensors, "router_mask": [N] bool | None}``;
+batches without ``router_logits`` are skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities.warnings import PossibleUserWarning
+from torch import Tensor
+
+from jetmoe.training.expert_metrics import ROUTER_KINDS, SUMMARY_KEYS, RouterUtilization, router_names
+
+REPORT_JSON = "expert_utilization.json"
+REPORT_CSV = "expert_utilization.csv"
+LOGGED_KEYS = ("imbalance", "cv", "entropy_norm", "dead_fraction", "top1_top2_ratio")
+EXPERT_KEYS = ("load", "prob", "top1_load", "tokens")
+CSV_SUMMARY_KEYS = ("imbalance", "cv", "entropy_norm", "dead_fraction", "top1_top2_ratio", "balance_loss")
+BARS = "▁▂▃▄▅▆▇█"
+# viridis at 0, .25, .5, .75, 1
+_VIRIDIS = torch.tensor(
+    [[0.267, 0.005, 0.329], [0.229, 0.322, 0.546], [0.128, 0.567, 0.551], [0.369, 0.789, 0.383], [0.993, 0.906, 0.144]]
+)
+
+
+class ExpertUtilizationCallback(L.Callback):
+    """Logs per-router load statistics during training and validation and writes a report at the end.
+
+    Keeps three ``RouterUtilization`` metrics: a train window (logged, folded into the run total and
+    reset every ``log_every_n_steps`` optimizer steps), the whole-run train total, and validation
+    (per epoch). Each batch is therefore routed through one metric update only.
+    ``heatmap_every_n_steps`` (a multiple of ``log_every_n_steps``; 0 disables) adds a layer x expert
+    load image per router kind and per-router expert histograms to TensorBoard. ``on_train_end``
+    writes ``expert_utilization.{json,csv}`` to ``output_dir`` (default: ``trainer.log_dir``).
+    All metric computes are collectives and run on every rank; only rank 0 writes.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        num_experts: int,
+        top_k: int,
+        log_every_n_steps: int = 50,
+        heatmap_every_n_steps: int = 200,
+        dead_threshold: float = 0.1,
+        output_dir: str | os.PathLike | None = None,
+    ):
+        if log_every_n_steps < 1:
+            raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
+        if heatmap_every_n_steps < 0 or heatmap_every_n_steps % log_every_n_steps:
+            raise ValueError(
+                f"heatmap_every_n_steps ({heatmap_every_n_steps}) must be 0 or a multiple of "
+                f"log_every_n_steps ({log_every_n_steps})"
+            )
+        self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
+        self.log_every_n_steps = log_every_n_steps
+        self.heatmap_every_n_steps = heatmap_every_n_steps
+        self.dead_threshold = dead_threshold
+        self.output_dir = output_dir
+        self.names = router_names(num_layers)
+        self.window, self.total, self.val = (
+            RouterUtilization(len(self.names), num_experts, top_k, dead_threshold) for _ in range(3)
+        )
+        self._device: torch.device | None = None
+        self._last_logged_step = -1
+        self._last_window: dict[str, Tensor] | None = None
+        self._last_val: dict[str, Tensor] | None = None
+
+    # ---- hooks ---------------------------------------------------------------------------------------
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        # val_experts/* are already reduced by the metric's sync; mute Lightning's per-key sync_dist advice
+        warnings.filterwarnings(
+            "ignore", message=r"It is recommended to use `self.log\('val_experts/", category=PossibleUserWarning
+        )
+        every = trainer.log_every_n_steps
+        if stage == "fit" and every and self.log_every_n_steps % every:
+            raise ValueError(
+                f"ExpertUtilizationCallback log_every_n_steps ({self.log_every_n_steps}) must be a multiple of "
+                f"Trainer(log_every_n_steps={every}): Lightning writes step metrics only on its own log steps, so "
+                "windows logged in between would be mislabelled or overwritten"
+            )
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._last_logged_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._update(self.window, pl_module, outputs)
+        step = trainer.global_step
+        if self._device is None or step == self._last_logged_step or step % self.log_every_n_steps:
+            return
+        self._last_logged_step = step
+        stats = self._flush_window()
+        pl_module.log_dict(scalar_metrics("experts", stats), on_step=True, on_epoch=False, sync_dist=False)
+        if self.heatmap_every_n_steps and step % self.heatmap_every_n_steps == 0 and trainer.is_global_zero:
+            self._log_images(trainer, stats, step)
+
+    def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.val.reset()
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        self._update(self.val, pl_module, outputs)
+
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # every rank sees the same number of validation batches, so update_called agrees across ranks
+        if trainer.sanity_checking or not self.val.update_called:
+            return
+        self._last_val = compute_on_host(self.val)
+        pl_module.log_dict(scalar_metrics("val_experts", self._last_val), sync_dist=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._device is None:
+            return
+        final_window = self._flush_window() if self.window.update_called else self._last_window
+        scopes = {"window": final_window, "run": compute_on_host(self.total)}
+        if self._last_val is not None:
+            scopes["val"] = self._last_val
+        output_dir = self.output_dir or trainer.log_dir or trainer.default_root_dir  # log_dir is a collective
+        if trainer.is_global_zero:
+            write_report(output_dir, self._report(scopes, trainer.global_step))
+
+    # ---- helpers -------------------------------------------------------------------------------------
+
+    def _update(self, metric: RouterUtilization, pl_module: L.LightningModule, outputs) -> None:
+        router_logits = outputs.get("router_logits") if isinstance(outputs, Mapping) else None
+        if router_logits is None:
+            return
+        if self._device != pl_module.device:
+            self._device = pl_module.device
+            for each in (self.window, self.total, self.val):
+                each.to(self._device)
+        metric.update(router_logits, outputs.get("router_mask"))
+
+    def _flush_window(self) -> dict[str, Tensor]:
+        """Compute the window (a collective), fold it into the run total and reset it."""
+        self._last_window = compute_on_host(self.window)
+        self.total.merge_state(self.window)
+        self.window.reset()
+        return self._last_window
+
+    def _log_images(self, trainer: L.Trainer, stats: dict[str, Tensor], step: int) -> None:
+        for logger in trainer.loggers:
+            if not isinstance(logger, TensorBoardLogger):
+                continue
+            writer = logger.experiment
+            for kind_idx, kind in enumerate(ROUTER_KINDS):
+                image_3HW = load_heatmap(stats["load"][kind_idx::2], self.num_experts)
+                writer.add_image(f"experts/{kind}/load_heatmap", image_3HW, step, dataformats="CHW")
+            for name, tokens_E in zip(self.names, stats["tokens"]):
+                writer.add_histogram_raw(f"experts/{name}/expert_tokens", global_step=step, **expert_histogram(tokens_E))
+
+    def _report(self, scopes: dict[str, dict[str, Tensor]], global_step: int) -> dict:
+        scopes_py = {scope: {key: value.tolist() for key, value in stats.items()} for scope, stats in scopes.items()}
+        routers = []
+        for r, name in enumerate(self.names):
+            kind, layer = name.split("/layer_")
+            entry = {"name": name, "kind": kind, "layer": int(layer)}
+            for scope, stats in scopes_py.items():
+                entry[scope] = {key: stats[key][r] for key in (*SUMMARY_KEYS, "num_tokens", *EXPERT_KEYS)}
+            routers.append(entry)
+        return {
+            "num_layers": self.num_layers,
+            "num_experts": self.num_experts,
+            "top_k": self.top_k,
+            "dead_threshold": self.dead_threshold,
+            "global_step": global_step,
+            "scopes": list(scopes),
+            "routers": routers,
+        }
+
+
+# ---- logging helpers ---------------------------------------------------------------------------------
+
+
+def compute_on_host(metric: RouterUtilization) -> dict[str, Tensor]:
+    """``metric.compute()`` (a collective) copied to CPU once, so logging costs no per-scalar device syncs."""
+    return {key: value.cpu() for key, value in metric.compute().items()}
+
+
+def scalar_metrics(prefix: str, stats: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Per-router scalars ``<prefix>/<kind>/layer_<i>/<key>`` and per-kind summaries ``<prefix>/<kind>/...``."""
+    names = router_names(len(stats["imbalance"]) // 2)
+    scalars = {f"{prefix}/{name}/{key}": stats[key][r] for key in LOGGED_KEYS for r, name in enumerate(names)}
+    for kind_idx, kind in enumerate(ROUTER_KINDS):
+        imbalance_L = stats["imbalance"][kind_idx::2]
+        scalars[f"{prefix}/{kind}/mean_imbalance"] = imbalance_L.mean()
+        scalars[f"{prefix}/{kind}/max_imbalance"] = imbalance_L.max()
+        scalars[f"{prefix}/{kind}/mean_entropy_norm"] = stats["entropy_norm"][kind_idx::2].mean()
+        scalars[f"{prefix}/{kind}/dead_fraction"] = stats["dead_fraction"][kind_idx::2].mean()
+    return scalars
+
+
+def load_heatmap(load_LE: Tensor, num_experts: int, min_cell_px: int = 8, min_side_px: int = 192) -> Tensor:
+    """RGB image ``[3, H, W]`` in [0, 1] of a layer x expert load matrix (viridis).
+
+    The colour scale is fixed: 0 (dead) -> dark purple, 1/E (balanced) -> teal, >= 2/E -> yellow.
+    Each cell becomes a square of at least ``min_cell_px`` pixels, the larger side at least ``min_side_px``.
+    """
+    value_LE = (load_LE.float() * num_experts / 2).clamp(0, 1)
+    position_LE = value_LE * (len(_VIRIDIS) - 1)
+    low_LE = position_LE.floor().long().clamp(max=len(_VIRIDIS) - 2)
+    frac_LE1 = (position_LE - low_LE)[..., None]
+    rgb_LE3 = _VIRIDIS[low_LE] * (1 - frac_LE1) + _VIRIDIS[low_LE + 1] * frac_LE1
+    cell = max(min_cell_px, -(-min_side_px // max(load_LE.shape)))
+    return rgb_LE3.permute(2, 0, 1).repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+
+
+def expert_histogram(tokens_E: Tensor) -> dict:
+    """``add_histogram_raw`` arguments: one bucket per expert id, height = tokens routed to it."""
+    counts_E = tokens_E.double()
+    ids_E = torch.arange(len(counts_E), dtype=torch.float64)
+    return {
+        "min": 0,
+        "max": len(counts_E) - 1,
+        "num": int(counts_E.sum()),
+        "sum": float(ids_E @ counts_E),
+        "sum_squares": float(ids_E.square() @ counts_E),
+        "bucket_limits": (ids_E + 0.5).tolist(),
+        "bucket_counts": counts_E.tolist(),
+    }
+
+
+# ---- report files ------------------------------------------------------------------------------------
+
+
+def write_report(output_dir: str | os.PathLike, report: dict) -> Path:
+    """Write ``expert_utilization.json`` and the tidy ``expert_utilization.csv`` (one row per scope x router x expert)."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    json_path = output_dir / REPORT_JSON
+    json_path.write_text(json.dumps(report, indent=1))
+    with open(output_dir / REPORT_CSV, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["scope", "kind", "layer", "expert", *EXPERT_KEYS, *CSV_SUMMARY_KEYS])
+        for scope in report["scopes"]:
+            for router in report["routers"]:
+                stats = router[scope]
+                summary = [stats[key] for key in CSV_SUMMARY_KEYS]
+                for expert in range(report["num_experts"]):
+                    per_expert = [stats[key][expert] for key in EXPERT_KEYS]
+                    writer.writerow([scope, router["kind"], router["layer"], expert, *per_expert, *summary])
+    return json_path
+
+
+def find_report(run_dir: str | os.PathLike) -> Path:
+    """The report JSON: ``run_dir`` itself, ``run_dir/expert_utilization.json``, or the newest one below it."""
+    run_dir = Path(run_dir)
+    if run_dir.is_file():
+        return run_dir
+    if (run_dir / REPORT_JSON).is_file():
+        return run_dir / REPORT_JSON
+    found = sorted(run_dir.rglob(REPORT_JSON), key=lambda path: path.stat().st_mtime)
+    if not found:
+        raise FileNotFoundError(f"no {REPORT_JSON} in {run_dir}")
+    return found[-1]
+
+
+def load_bar(load_E: Sequence[float]) -> str:
+    """One block character per expert, height relative to the largest load; a space for an expert with no tokens."""
+    top = max(load_E) or 1.0
+    return "".join(" " if load == 0 else BARS[max(0, math.ceil(load / top * len(BARS)) - 1)] for load in load_E)
+
+
+def format_report(
+    run_dir: str | os.PathLike, final_losses: Mapping[str, float] | None = None, scope: str = "run"
+) -> str:
+    """Fixed-width table, one row per router, from a run's ``expert_utilization.json``.
+
+    ``scope`` is ``"run"`` (whole training run), ``"window"`` (last logging window) or ``"val"``
+    (last validation epoch); ``final_losses`` (e.g. ``{"train_loss": 2.31}``) is printed above it.
+    """
+    path = find_report(run_dir)
+    report = json.loads(path.read_text())
+    if scope not in report["scopes"]:
+        raise ValueError(f"scope {scope!r} not in {path} (has {report['scopes']})")
+    routers = report["routers"]
+    lines = [
+        f"expert utilization ({scope}) from {path}",
+        f"step {report['global_step']}  E={report['num_experts']}  k={report['top_k']}  "
+        f"tokens/router={routers[0][scope]['num_tokens']:,}  dead: load < {report['dead_threshold']:g}/E",
+    ]
+    if final_losses:
+        lines.append("  ".join(f"{name}={value:.4f}" for name, value in final_losses.items()))
+    header = f"{'kind':<4} {'layer':>5} {'imbal':>6} {'cv':>6} {'ent_n':>6} {'dead':>5} {'p2/p1':>6}  load/expert"
+    lines += [header, "-" * len(header)]
+    for router in routers:
+        s = router[scope]
+        lines.append(
+            f"{router['kind']:<4} {router['layer']:>5} {s['imbalance']:>6.2f} {s['cv']:>6.3f} "
+            f"{s['entropy_norm']:>6.3f} {s['dead_fraction']:>5.2f} {s['top1_top2_ratio']:>6.3f}  {load_bar(s['load'])}"
+        )
+    return "\n".join(lines)
