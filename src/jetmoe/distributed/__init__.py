@@ -1,0 +1,48 @@
+"""Sharded training of JetMoE with FSDP2 (torch.distributed.fsdp.fully_shard), for Lightning or plain loops.
+
+    parallelize_jetmoe(model, mesh, ...)      activation checkpointing -> compile -> fully_shard per block, root
+    materialize(model, device)                to_empty + tie_weights + init equal to the unsharded init
+    build_sharded_causal_lm(config, mesh, device, ...)   meta build + parallelize + materialize
+    save_sharded / load_sharded               DCP checkpoints of model + optimizer (atomic)
+    consolidate(sharded_dir, out_dir, config) one HF-format directory from a sharded checkpoint
+    save_hf / full_state_dict / load_hf_weights   HF export and import under FSDP
+    estimate / format_plan                    memory and throughput plan (jetmoe.distributed.plan)
+
+The Lightning strategy lives in `jetmoe.distributed.strategy.FSDP2Strategy` (imported on its own, so that
+this package does not import Lightning). See docs/distributed.md.
+"""
+
+from jetmoe.distributed.checkpoint import (
+    consolidate,
+    full_state_dict,
+    load_hf_weights,
+    load_sharded,
+    resolve_checkpoint,
+    save_hf,
+    save_sharded,
+)
+from jetmoe.distributed.parallelize import (
+    build_sharded_causal_lm,
+    init_weights,
+    materialize,
+    mixed_precision_policy,
+    parallelize_jetmoe,
+)
+from jetmoe.distributed.plan import estimate, format_plan
+
+__all__ = [
+    "build_sharded_causal_lm",
+    "consolidate",
+    "estimate",
+    "format_plan",
+    "full_state_dict",
+    "init_weights",
+    "load_hf_weights",
+    "load_sharded",
+    "materialize",
+    "mixed_precision_policy",
+    "parallelize_jetmoe",
+    "resolve_checkpoint",
+    "save_hf",
+    "save_sharded",
+]

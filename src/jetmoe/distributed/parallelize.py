@@ -1,0 +1,180 @@
+"""FSDP2 for JetMoE: activation checkpointing -> torch.compile -> fully_shard, per decoder block, then the root.
+
+Meta-device flow (what `build_sharded_causal_lm` does and what a Lightning `configure_model` does)::
+
+    with torch.device("meta"):
+        model = JetMoeForCausalLM(config)
+    model = parallelize_jetmoe(model, device_mesh, precision="bf16-mixed", activation_checkpointing="full")
+    materialize(model, device)       # to_empty + tie_weights + init_weights, equal to the unsharded init
+
+Every decoder block is its own FSDP unit (all-gathered just before it runs, resharded after); the root unit
+holds the embeddings, the tied LM head and the final norm, so a tied head stays one parameter under sharding.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from jetmoe.config import JetMoeConfig
+from jetmoe.model import JetMoeForCausalLM, JetMoePreTrainedModel
+
+Precision = Literal["32-true", "bf16-mixed", "bf16-true"]
+ActivationCheckpointing = Literal["none", "full", "selective"]
+PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "bf16-true")
+ACTIVATION_CHECKPOINTING: tuple[str, ...] = ("none", "full", "selective")
+
+
+def parallelize_jetmoe(
+    model: JetMoePreTrainedModel,
+    device_mesh: DeviceMesh,
+    *,
+    activation_checkpointing: ActivationCheckpointing = "none",
+    compile: bool = False,
+    precision: Precision = "32-true",
+    cpu_offload: bool = False,
+    reshard_after_forward: bool = True,
+) -> JetMoePreTrainedModel:
+    """Shard `model` (ideally still on the meta device) over the data-parallel ranks of `device_mesh`.
+
+    `device_mesh` is 1-D, or Lightning's 2-D ("data_parallel", "tensor_parallel") mesh with tensor_parallel
+    size 1. `activation_checkpointing`: "full" recomputes every decoder block in backward, "selective" every
+    other block (blocks 0, 2, 4, ...: half of full's activation saving for half of its recomputation).
+    `precision` "bf16-mixed" keeps fp32 sharded (master) parameters and runs blocks with bf16 copies, reducing
+    gradients in fp32; "bf16-true" stores the parameters in bf16. Returns `model` (sharded in place).
+    """
+    _check_choice("activation_checkpointing", activation_checkpointing, ACTIVATION_CHECKPOINTING)
+    _check_choice("precision", precision, PRECISIONS)
+    if activation_checkpointing != "none" and model.base_model.gradient_checkpointing:
+        raise ValueError(
+            "the model's gradient_checkpointing is on as well: use either gradient_checkpointing_enable() "
+            "or parallelize_jetmoe(activation_checkpointing=...), not both"
+        )
+    mesh = data_parallel_mesh(device_mesh)
+    if precision == "bf16-true":
+        model.to(torch.bfloat16)
+    layers = model.base_model.layers
+    for i, block in enumerate(layers):
+        if activation_checkpointing == "full" or (activation_checkpointing == "selective" and i % 2 == 0):
+            block = checkpoint_wrapper(block)  # non-reentrant torch.utils.checkpoint
+        if compile:
+            block = torch.compile(block)
+        layers[i] = block
+    shard_kwargs = dict(mesh=mesh, mp_policy=mixed_precision_policy(precision), offload_policy=_offload(cpu_offload))
+    for block in layers:
+        fully_shard(block, reshard_after_forward=reshard_after_forward, **shard_kwargs)
+    fully_shard(model, **shard_kwargs)  # embeddings, (tied) LM head, final norm
+    return model
+
+
+def data_parallel_mesh(device_mesh: DeviceMesh) -> DeviceMesh:
+    """The 1-D mesh FSDP shards over: `device_mesh` itself, or the "data_parallel" dim of Lightning's mesh."""
+    if device_mesh.ndim == 1:
+        return device_mesh
+    names = device_mesh.mesh_dim_names or ()
+    if device_mesh.ndim == 2 and names == ("data_parallel", "tensor_parallel"):
+        if device_mesh["tensor_parallel"].size() == 1:
+            return device_mesh["data_parallel"]
+    raise ValueError(
+        f"expected a 1-D mesh or a (data_parallel, tensor_parallel=1) mesh, got shape {tuple(device_mesh.shape)} "
+        f"with dims {names}: tensor parallelism is not supported (use jetmoe.distributed.strategy.FSDP2Strategy, "
+        "which shards over all ranks)"
+    )
+
+
+def mixed_precision_policy(precision: Precision) -> MixedPrecisionPolicy:
+    """bf16 compute with fp32 gradient reduction for "bf16-mixed"; no casting otherwise."""
+    _check_choice("precision", precision, PRECISIONS)
+    if precision == "bf16-mixed":
+        return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    return MixedPrecisionPolicy()
+
+
+def _offload(cpu_offload: bool) -> OffloadPolicy:
+    """Sharded parameters, gradients and the optimizer step on the host (pinned memory where CUDA exists)."""
+    if not cpu_offload:
+        return OffloadPolicy()
+    return CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- meta-device initialisation
+
+
+def materialize(model: JetMoePreTrainedModel, device: torch.device | str) -> None:
+    """Allocate a meta-built (sharded or not) model on `device` and initialise it: `to_empty`, `tie_weights`,
+    then `init_weights` drawing exactly the numbers the unsharded model draws from the same RNG state.
+
+    With `cpu_offload`, pass device="cpu" (FSDP2 keeps the sharded parameters on the host)."""
+    model.to_empty(device=device)
+    model.tie_weights()
+    init_weights(model)
+
+
+
+@torch.no_grad()
+def init_weights(model: JetMoePreTrainedModel) -> None:
+    """`model.init_weights()` for a model whose parameters may be FSDP shards (DTensors).
+
+    DTensor random ops on CPU draw every shard from the rank-local generator, so shards would repeat each
+    other. Instead, module by module in `model.modules()` order (the order of `init_weights`), each rank
+    initialises full-size tensors with the model's own code and keeps its shard: all ranks draw the same
+    sequence as one unsharded model, and memory peaks at one module's full parameters.
+    """
+    done: set[int] = set()  # a tied weight is initialised once, as `init_weights` does
+    for module in model.modules():
+        params = dict(module.named_parameters(recurse=False))
+        if not params or all(id(p) in done for p in params.values()):
+            continue
+        done.update(id(p) for p in params.values())
+        full = {name: torch.empty(p.shape, dtype=p.dtype, device=_local(p).device) for name, p in params.items()}
+        _init_one_module(model, module, full)
+        for name, p in params.items():
+            _local(p).copy_(_local_shard(full[name], p))
+
+
+def _init_one_module(model: JetMoePreTrainedModel, module: nn.Module, full: dict[str, torch.Tensor]) -> None:
+    """Run `JetMoePreTrainedModel.init_weights` on `module` alone, with `full` standing in for its parameters."""
+    originals = dict(module._parameters)
+    module._parameters.update({name: nn.Parameter(t, requires_grad=False) for name, t in full.items()})
+    try:
+        JetMoePreTrainedModel.init_weights(SimpleNamespace(config=model.config, modules=lambda: [module]))
+    finally:
+        module._parameters.update(originals)
+
+
+def _local(p: torch.Tensor) -> torch.Tensor:
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def _local_shard(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """This rank's part of `full` under `like`'s placements (no communication: every rank holds `full`)."""
+    if not isinstance(like, DTensor):
+        return full
+    return distribute_tensor(full, like.device_mesh, like.placements, src_data_rank=None).to_local()
+
+
+def build_sharded_causal_lm(
+    config: JetMoeConfig,
+    device_mesh: DeviceMesh,
+    device: torch.device | str,
+    **parallelize_kwargs,
+) -> JetMoeForCausalLM:
+    """Meta-build a `JetMoeForCausalLM`, `parallelize_jetmoe` it, then `materialize` it on `device` (the host
+    when `cpu_offload=True`). Seed the RNG identically on every rank first (Lightning's `seed_everything`)."""
+    with torch.device("meta"):
+        model = JetMoeForCausalLM(config)
+    parallelize_jetmoe(model, device_mesh, **parallelize_kwargs)
+    materialize(model, "cpu" if parallelize_kwargs.get("cpu_offload") else device)
+    return model

@@ -1,0 +1,232 @@
+"""Memory and throughput plan of an FSDP2 JetMoE run: `estimate` (a pure function) and `format_plan`, what
+`jetmoe plan` prints; `local_state_bytes` measures the same memory on a live model.
+
+Per device, FSDP2 fully sharded over all `gpus` (bytes; GB = 1e9 bytes):
+
+* parameters, gradients, AdamW states (m, v) — sharded, so divided by `gpus`. Bytes per parameter:
+  32-true 4 + 4 + 8; bf16-mixed 4 + 4 + 8 (the sharded fp32 parameter *is* the master copy; bf16 copies
+  exist only unsharded while a block runs); bf16-true 2 + 2 + 4 (no fp32 copy anywhere).
+* FSDP buffers: unsharded compute-dtype parameters of the root unit (embeddings, tied head, norm) plus two
+  decoder blocks (the running one and the prefetched one), plus one block's unsharded gradients.
+* activations of one micro-batch (N = micro_batch_size · seq_len tokens): what autograd keeps after the
+  forward, `saved_activation_bytes` (formula below, checked against the model in tests/distributed), plus,
+  with activation checkpointing, one block's activations recomputed during backward.
+
+Activation bytes per decoder block: `block_activation_terms` lists the tensors the model keeps for backward
+(s = activation dtype bytes, 4 or 2; N tokens; M = N·k routed rows; D hidden; A = H·Dh one expert's
+attention width; F expert intermediate size; E experts; k top-k; H key/value heads)::
+
+    hidden states    N·D·6s (fp32)  or  N·D·(3s + 16) (bf16: the norms and routers keep fp32 copies)
+                     block input, normed input, norm output, for the attention and the MoE half each
+    MoA queries/out  M·A·3s         roped queries, attention output (per slot), its copy in expert order
+    MoA keys/values  N·A·3s         the K|V projection (values are a view of it) and the roped keys
+    MoA / MoE rows   M·D·4s         routed input rows and expert outputs, for MoA and MoE each
+    MoE GLU          M·F·3s         routed rows of width 2F (gate | up) and the expert input silu(gate)·up
+    attention lse    N·k·H·4        fp32 log-sum-exp of the attention kernel
+    routers          2·(N·E·8 + M·44) + M·H·16
+                     per router: fp32 logits (z-loss) and softmax probabilities (load-balancing loss), fp32
+                     gates, five int64 index vectors (top-k, sort, inverse sort, token, aux top-k);
+                     MoA's two int64 head permutations
+
+A checkpointed block keeps only its input (N·D·s) and, for the auxiliary losses, its routers' fp32 logits
+and probabilities and aux top-k indices. The LM head keeps the final norm's tensors (N·D·3s, or N·D·(2s + 4)
+in bf16), the logits (N·V·s) and the fp32 log-probabilities of the cross-entropy (N·V·4); with
+`skip_logits=True` (the fused chunked cross-entropy) the last two become N·D·s + V·D·4 (its stored
+gradients) instead.
+
+Throughput: model FLOPs per token = 6·N_active + 12·L·(k·H·Dh)·T (PaLM's convention: causal masking not
+discounted, recomputation not counted), tokens/day = gpus · peak_tflops · mfu · 86400 / FLOPs per token.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor
+
+from jetmoe.config import JetMoeConfig
+from jetmoe.distributed.parallelize import ACTIVATION_CHECKPOINTING, PRECISIONS, _check_choice
+
+GB = 1e9
+USABLE_FRACTION = 0.9  # of gpu_memory_gb: CUDA context, NCCL buffers, allocator fragmentation
+# (parameter, gradient, AdamW m + v) bytes per parameter, and the activation dtype's bytes.
+STATE_BYTES = {"32-true": (4, 4, 8), "bf16-mixed": (4, 4, 8), "bf16-true": (2, 2, 4)}
+ACTIVATION_DTYPE_BYTES = {"32-true": 4, "bf16-mixed": 2, "bf16-true": 2}
+
+
+def block_activation_terms(config: JetMoeConfig, tokens: int, dtype_bytes: int) -> dict[str, int]:
+    """Bytes one decoder block keeps for backward for `tokens` tokens, by kind (see the module docstring)."""
+    s, N, k = dtype_bytes, tokens, config.num_experts_per_tok
+    D, F, E, H = config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_key_value_heads
+    A, M = H * config.kv_channels, tokens * k
+    return {
+        "hidden states": N * D * (6 * s if s == 4 else 3 * s + 16),
+        "MoA queries/out": M * A * 3 * s,
+        "MoA keys/values": N * A * 3 * s,
+        "MoA / MoE rows": M * D * 4 * s,
+        "MoE GLU": M * F * 3 * s,
+        "attention lse": N * k * H * 4,
+        "routers": 2 * (N * E * 8 + M * 44) + M * H * 16,
+    }
+
+
+def block_activation_bytes(config: JetMoeConfig, tokens: int, dtype_bytes: int) -> int:
+    return sum(block_activation_terms(config, tokens, dtype_bytes).values())
+
+
+def _checkpointed_block_bytes(config: JetMoeConfig, tokens: int, dtype_bytes: int) -> int:
+    """A checkpointed block keeps its input and what the auxiliary losses hold of its routers."""
+    M = tokens * config.num_experts_per_tok
+    return tokens * config.hidden_size * dtype_bytes + 2 * (tokens * config.num_local_experts * 8 + M * 8)
+
+
+def _head_bytes(config: JetMoeConfig, tokens: int, dtype_bytes: int) -> int:
+    """Final norm, logits and fp32 log-probabilities of the cross-entropy."""
+    norm = tokens * config.hidden_size * (3 * dtype_bytes if dtype_bytes == 4 else 2 * dtype_bytes + 4)
+    return norm + tokens * config.vocab_size * (dtype_bytes + 4)
+
+
+def checkpointed_blocks(num_layers: int, activation_checkpointing: str) -> int:
+    """How many blocks `parallelize_jetmoe` checkpoints: all ("full"), blocks 0, 2, 4, ... ("selective")."""
+    _check_choice("activation_checkpointing", activation_checkpointing, ACTIVATION_CHECKPOINTING)
+    return {"none": 0, "full": num_layers, "selective": (num_layers + 1) // 2}[activation_checkpointing]
+
+
+def saved_activation_bytes(config: JetMoeConfig, tokens: int, dtype_bytes: int, activation_checkpointing: str) -> int:
+    """Bytes autograd holds at the end of the forward of `tokens` tokens (blocks + LM head)."""
+    L = config.num_hidden_layers
+    ckpt = checkpointed_blocks(L, activation_checkpointing)
+    return (
+        (L - ckpt) * block_activation_bytes(config, tokens, dtype_bytes)
+        + ckpt * _checkpointed_block_bytes(config, tokens, dtype_bytes)
+        + _head_bytes(config, tokens, dtype_bytes)
+    )
+
+
+def flops_per_token(config: JetMoeConfig, seq_len: int) -> float:
+    """Model FLOPs per trained token: 6·N_active + 12·L·(k·H·Dh)·T (forward + backward)."""
+    attention_width = config.num_experts_per_tok * config.num_key_value_heads * config.kv_channels
+    return 6 * config.num_parameters()["active"] + 12 * config.num_hidden_layers * attention_width * seq_len
+
+
+def _root_parameters(config: JetMoeConfig) -> int:
+    """The root FSDP unit: embeddings (and an untied head) plus the final norm."""
+    return config.vocab_size * config.hidden_size * (1 if config.tie_word_embeddings else 2) + config.hidden_size
+
+
+def _block_parameters(config: JetMoeConfig) -> int:
+    """One decoder block (all its experts): an FSDP unit."""
+    return (config.num_parameters()["total"] - _root_parameters(config)) // config.num_hidden_layers
+
+
+def estimate(
+    config: JetMoeConfig,
+    *,
+    seq_len: int,
+    global_batch_tokens: int,
+    micro_batch_size: int,
+    gpus: int,
+    gpu_memory_gb: float,
+    precision: str = "bf16-mixed",
+    activation_checkpointing: str = "none",
+    peak_tflops: float = 989.0,
+    mfu: float = 0.4,
+) -> dict[str, Any]:
+    """Per-device memory (GB), whether it fits, gradient-accumulation steps and throughput of an FSDP2 run.
+
+    `peak_tflops`: dense bf16 peak of one device (H100 SXM: 989). Memory formulas: module docstring."""
+    _check_choice("precision", precision, PRECISIONS)
+    for name, value in (("seq_len", seq_len), ("global_batch_tokens", global_batch_tokens),
+                        ("micro_batch_size", micro_batch_size), ("gpus", gpus)):
+        if value < 1:
+            raise ValueError(f"{name} must be >= 1, got {value}")
+    counts = config.num_parameters()
+    p_bytes, g_bytes, o_bytes = STATE_BYTES[precision]
+    s = ACTIVATION_DTYPE_BYTES[precision]
+    tokens = micro_batch_size * seq_len
+    compute_bytes = 4 if precision == "32-true" else 2
+    memory = {
+        "params_gb": counts["total"] * p_bytes / gpus / GB,
+        "grads_gb": counts["total"] * g_bytes / gpus / GB,
+        "optimizer_gb": counts["total"] * o_bytes / gpus / GB,
+        "fsdp_buffers_gb": (_root_parameters(config) + 3 * _block_parameters(config)) * compute_bytes / GB,
+        "activations_gb": _peak_activations(config, tokens, s, activation_checkpointing) / GB,
+    }
+    total_gb = sum(memory.values())
+    tokens_per_micro_step = tokens * gpus
+    accumulation = math.ceil(global_batch_tokens / tokens_per_micro_step)
+    per_token = flops_per_token(config, seq_len)
+    tokens_per_sec = gpus * peak_tflops * 1e12 * mfu / per_token
+    return {
+        "params_total": counts["total"],
+        "params_active": counts["active"],
+        "precision": precision,
+        "activation_checkpointing": activation_checkpointing,
+        **memory,
+        "activations_no_ckpt_gb": _peak_activations(config, tokens, s, "none") / GB,
+        "activations_full_ckpt_gb": _peak_activations(config, tokens, s, "full") / GB,
+        "total_gb": total_gb,
+        "usable_gb": gpu_memory_gb * USABLE_FRACTION,
+        "fits": total_gb <= gpu_memory_gb * USABLE_FRACTION,
+        "grad_accum_steps": accumulation,
+        "global_batch_tokens": accumulation * tokens_per_micro_step,  # rounded up to whole micro-batches
+        "flops_per_token": per_token,
+        "tokens_per_sec": tokens_per_sec,
+        "tokens_per_day": tokens_per_sec * 86400,
+        "gpus": gpus,
+        "mfu": mfu,
+        "peak_tflops": peak_tflops,
+    }
+
+
+def _peak_activations(config: JetMoeConfig, tokens: int, dtype_bytes: int, activation_checkpointing: str) -> int:
+    """Saved activations plus, with checkpointing, the block being recomputed in backward."""
+    recompute = 0 if activation_checkpointing == "none" else block_activation_bytes(config, tokens, dtype_bytes)
+    return saved_activation_bytes(config, tokens, dtype_bytes, activation_checkpointing) + recompute
+
+
+def implied_mfu(config: JetMoeConfig, *, seq_len: int, tokens_per_day: float, gpus: int, peak_tflops: float) -> float:
+    """The MFU at which `gpus` devices train `tokens_per_day` (inverse of `estimate`'s throughput)."""
+    return tokens_per_day / 86400 * flops_per_token(config, seq_len) / (gpus * peak_tflops * 1e12)
+
+
+def local_state_bytes(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, int]:
+    """Measured counterpart of the plan: bytes this rank holds of parameters, gradients and optimizer state
+    (the local shards of DTensors, whole tensors otherwise), counted from the tensors themselves."""
+    params = list(model.parameters())
+    states = [t for state in optimizer.state.values() for t in state.values() if isinstance(t, torch.Tensor)]
+    return {
+        "params": sum(_local_bytes(p) for p in params),
+        "grads": sum(_local_bytes(p.grad) for p in params if p.grad is not None),
+        "optimizer": sum(_local_bytes(t) for t in states),
+    }
+
+
+def _local_bytes(t: torch.Tensor) -> int:
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return local.numel() * local.element_size()
+
+
+def format_plan(plan: dict[str, Any]) -> str:
+    """A two-column text table of `estimate`'s result."""
+    rows = [
+        ("parameters", f"{plan['params_total'] / 1e9:.2f}B total, {plan['params_active'] / 1e9:.2f}B active"),
+        ("precision / checkpointing", f"{plan['precision']} / {plan['activation_checkpointing']}"),
+        ("params (sharded)", f"{plan['params_gb']:.2f} GB"),
+        ("grads (sharded)", f"{plan['grads_gb']:.2f} GB"),
+        ("AdamW states (sharded)", f"{plan['optimizer_gb']:.2f} GB"),
+        ("FSDP unsharded buffers", f"{plan['fsdp_buffers_gb']:.2f} GB"),
+        ("activations", f"{plan['activations_gb']:.2f} GB (none {plan['activations_no_ckpt_gb']:.2f}, "
+                        f"full ckpt {plan['activations_full_ckpt_gb']:.2f})"),
+        ("total per device", f"{plan['total_gb']:.2f} GB of {plan['usable_gb']:.1f} usable: "
+                             f"{'fits' if plan['fits'] else 'DOES NOT FIT'}"),
+        ("grad accumulation", f"{plan['grad_accum_steps']} steps ({plan['global_batch_tokens']:,} tokens/step)"),
+        ("FLOPs per token", f"{plan['flops_per_token'] / 1e9:.2f} GFLOP"),
+        ("throughput", f"{plan['tokens_per_sec']:,.0f} tokens/s = {plan['tokens_per_day'] / 1e9:.1f}B tokens/day "
+                       f"({plan['gpus']} devices at {plan['mfu']:.0%} MFU of {plan['peak_tflops']:g} TFLOPS)"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
