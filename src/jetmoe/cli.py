@@ -1,0 +1,172 @@
+"""The ``jetmoe`` command: train, generate, eval, report.
+
+The only module that reads argv, prints and sets exit codes. User errors (bad config or arguments,
+missing or unreadable files, an unwritable run directory) print ``jetmoe: error: <message>`` on
+stderr and exit with status 2, without a traceback.
+
+    jetmoe train experiments/default.yaml [key=value ...] [group=name ...] [--resume]
+    jetmoe generate runs/default --prompt "def " [--max-new-tokens 200 --temperature 0.8 --top-k 50 --greedy]
+    jetmoe eval runs/default data.txt [more.txt ...] [--seq-len 256 --batch-size 8]
+    jetmoe report runs/default
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import warnings
+from pathlib import Path
+from typing import Any, Sequence
+
+USAGE_ERROR, RUN_FAILED = 2, 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    _configure_logging()
+    try:
+        args.command(args)
+    except _user_errors() as err:
+        _print_error(err)
+        return USAGE_ERROR
+    except _run_failures() as err:
+        _print_error(err)
+        return RUN_FAILED
+    return 0
+
+
+def _print_error(err: BaseException) -> None:
+    message = " ".join(str(err).split()) or type(err).__name__
+    print(f"jetmoe: error: {message}", file=sys.stderr)
+
+
+def _run_failures() -> tuple[type[BaseException], ...]:
+    """A run that went wrong through no fault of its input (e.g. its loss diverged to NaN)."""
+    from jetmoe.training.reliability import NonFiniteError
+
+    return (NonFiniteError,)
+
+
+def _configure_logging() -> None:
+    """Plain ``message`` lines on stderr for jetmoe and Lightning alike, without Lightning's
+    advertising tips and known-harmless warnings."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    import lightning  # noqa: F401  (adds its own console handler, which would print every line twice)
+
+    logging.getLogger("lightning").handlers.clear()
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(lambda record: not record.getMessage().startswith("💡 Tip"))
+    for message in (
+        r".*does not have many workers.*",  # the data is pre-tokenized in memory: workers don't help
+        r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # torch vs Lightning internals
+    ):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """ValueError (incl. ConfigError), OSError (missing / unwritable files) and Lightning's
+    MisconfigurationException (e.g. ``accelerator: gpu`` without a GPU)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+    return ValueError, OSError, MisconfigurationException
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jetmoe", description="Train and use JetMoE models.")
+    commands = parser.add_subparsers(required=True, metavar="COMMAND")
+
+    p = commands.add_parser("train", help="train an experiment YAML")
+    p.add_argument("experiment", help="experiment YAML, e.g. experiments/default.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="config overrides (optim.lr=1e-3) or group swaps (model=tiny)")
+    p.add_argument("--resume", action="store_true", help="continue the run from its checkpoints/last.ckpt")
+    p.set_defaults(command=_train)
+
+    p = commands.add_parser("generate", help="generate text from a run or an HF model directory")
+    p.add_argument("model_dir", metavar="DIR")
+    p.add_argument("--prompt", default="", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int, default=50, help="0 disables")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(command=_generate)
+
+    p = commands.add_parser("eval", help="loss and perplexity of a model on text files")
+    p.add_argument("model_dir", metavar="DIR")
+    p.add_argument("files", nargs="+", metavar="FILE", help="text files or globs")
+    p.add_argument("--seq-len", type=int, default=None, help="default: the run's data.seq_len")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.set_defaults(command=_eval)
+
+    p = commands.add_parser("report", help="expert-utilization table of a finished run")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.set_defaults(command=_report)
+    return parser
+
+
+def _train(args: argparse.Namespace) -> None:
+    from jetmoe.training.config import load_config, to_yaml
+
+    cfg = load_config(args.experiment, args.overrides)
+    print(f"# resolved config ({args.experiment})\n{to_yaml(cfg)}", flush=True)
+
+    from jetmoe.training.run import train
+
+    summary = train(cfg, resume=args.resume)
+    if "metrics" in summary:
+        _print_summary(summary)
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    m = summary["metrics"]
+    minutes, seconds = divmod(m["wall_time_s"], 60)
+    print(
+        f"\n== finished step {m['step']} in {int(minutes)}m{seconds:04.1f}s ==\n"
+        f"val/loss {_num(m['val_loss'])}  val/ppl {_num(m['val_ppl'], '.2f')}  train/loss {_num(m['train_loss'])}\n"
+        f"tokens {m['tokens_seen']:,}  ({_num(m['tokens_per_sec'], ',.0f')} tokens/s)  "
+        f"params {m['params_total']:,} total, {m['params_active']:,} active\n"
+        f"run dir      {summary['run_dir']}  (config.yaml, metrics.json, expert_utilization.json)\n"
+        f"checkpoints  {summary['checkpoints']}\n"
+        f"hf export    {summary['hf_dir']}\n"
+        f"tensorboard  tensorboard --logdir {summary['tensorboard']}\n"
+        f"report       jetmoe report {summary['run_dir']}"
+    )
+    if "sample" in summary:
+        print(f"\n== sample ==\n{summary['sample']}")
+
+
+def _num(value: float | None, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _generate(args: argparse.Namespace) -> None:
+    from jetmoe.training.run import generate
+
+    print(generate(
+        args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+        top_k=args.top_k or None, top_p=args.top_p, do_sample=not args.greedy, seed=args.seed,
+    ))
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from jetmoe.training.run import evaluate
+
+    result = evaluate(args.model_dir, args.files, seq_len=args.seq_len, batch_size=args.batch_size)
+    print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.2f}  tokens {result['tokens']:,}")
+
+
+def _report(args: argparse.Namespace) -> None:
+    from jetmoe.training.expert_callback import format_report
+
+    metrics_file = Path(args.run_dir) / "metrics.json"
+    metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
+    losses = {k: metrics[k] for k in ("train_loss", "val_loss") if metrics.get(k) is not None}
+    print(format_report(args.run_dir, final_losses=losses or None))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

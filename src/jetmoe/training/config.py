@@ -1,0 +1,427 @@
+"""Experiment configuration: omegaconf structured schemas and YAML composition.
+
+An experiment YAML names one file per config group, then overrides only what differs::
+
+    defaults:
+      - model: small        # -> configs/model/small.yaml
+      - data: stdlib        # -> configs/data/stdlib.yaml
+      - optim: adamw_wsd
+      - trainer: cpu
+    optim:
+      lr: 1.0e-3
+
+Composition order (later wins): schema defaults < group files (in list order) < experiment body
+< command-line overrides. A command-line override is either ``key.path=value`` (a dotlist entry)
+or ``group=name`` (swap the file a group loads, as in Hydra: ``model=tiny``).
+
+The ``configs/`` directory is the first ``configs/`` found walking up from the experiment file's
+directory; if there is none, the repository the package was installed from (``<repo>/configs``).
+
+Every value is merged onto the typed schema, so an unknown key or a wrongly typed value fails with
+the file (or "command line") it came from; cross-field checks run once everything is merged. All
+of these raise :class:`ConfigError`, a ``ValueError`` carrying a one-line message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import yaml
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from jetmoe.config import JetMoeConfig
+from jetmoe.data.config import DataConfig, validate_data_config
+
+SCHEDULES = ("wsd", "cosine", "constant")
+STRATEGIES = ("auto", "ddp", "fsdp")
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+CLI_SOURCE = "command line"
+MISSING_VALUE = "???"  # omegaconf's marker for a required value
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration error; ``str(err)`` is one line naming the file and key."""
+
+
+@dataclass
+class ModelConfig:
+    """JetMoeConfig fields (HF names and defaults) plus how to build the model.
+
+    With ``init_from`` set, the architecture fields are read from that directory's ``config.json``
+    when the experiment is composed; only :data:`TRAINING_FIELDS` keep their configured values.
+    """
+
+    vocab_size: int = 32000
+    hidden_size: int = 2048
+    num_hidden_layers: int = 12
+    num_key_value_heads: int = 16
+    kv_channels: int = 128
+    intermediate_size: int = 5632
+    max_position_embeddings: int = 4096
+    activation_function: str = "silu"
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    aux_loss_coef: float = 0.01
+    router_z_loss_coef: float = 0.0
+    rope_theta: float = 10000.0
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.01
+    attention_dropout: float = 0.0
+    tie_word_embeddings: bool = True
+    bos_token_id: Optional[int] = 1
+    eos_token_id: Optional[int] = 2
+    pad_token_id: Optional[int] = 0  # HF: None; jetmoe.data tokenizers put <pad>, <s>, </s> at 0, 1, 2
+    # Not architecture: how the training run builds the model.
+    init_from: Optional[str] = None  # HF-format directory to fine-tune from
+    expert_impl: str = "auto"
+    gradient_checkpointing: bool = False
+
+
+#: ModelConfig fields that are not JetMoeConfig fields.
+BUILD_FIELDS = ("init_from", "gradient_checkpointing")
+#: JetMoeConfig fields a fine-tune may change; the others are fixed by the pretrained weights.
+TRAINING_FIELDS = ("aux_loss_coef", "router_z_loss_coef", "attention_dropout", "expert_impl")
+
+
+@dataclass
+class OptimConfig:
+    """AdamW and the learning-rate schedule (see :mod:`jetmoe.training.optim`)."""
+
+    lr: float = 5e-4
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm; 0 disables
+    schedule: str = "wsd"  # wsd | cosine | constant
+    warmup_steps: int = 100
+    decay_fraction: float = 0.1  # WSD: share of max_steps spent in the final decay
+    min_lr_ratio: float = 0.1  # final lr = min_lr_ratio * lr (wsd, cosine)
+    decay_embeddings: bool = False
+    decay_norms_and_biases: bool = False
+    on_nonfinite: str = "stop"  # a NaN/Inf loss or gradient: stop the run, or skip that step
+
+
+@dataclass
+class TrainerConfig:
+    """Lightning Trainer settings. Step counts are optimizer steps."""
+
+    accelerator: str = "auto"
+    devices: Union[int, str] = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"  # auto | ddp | fsdp (fsdp: not yet supported)
+    precision: str = "32-true"  # 32-true | bf16-mixed | bf16-true
+    max_steps: int = 1000
+    val_check_interval: int = 100  # validate every N optimizer steps
+    limit_val_batches: Union[int, float] = 1.0  # int: batches, float: fraction
+    accumulate_grad_batches: int = 1
+    log_every_n_steps: int = 10
+    compile: bool = False
+    deterministic: bool = False
+
+
+@dataclass
+class RunConfig:
+    """Where a run lives and what it does besides optimizing."""
+
+    name: str = "default"
+    output_dir: str = "runs"  # relative to the working directory
+    seed: int = 1337
+    sample_prompt: str = "def "
+    sample_tokens: int = 200
+    expert_log_every_n_steps: int = 50  # a multiple of trainer.log_every_n_steps
+    heatmap_every_n_steps: int = 0  # TensorBoard expert-load images; a multiple of the above, 0 disables
+
+
+@dataclass
+class ExperimentConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+GROUPS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
+
+
+# ----------------------------------------------------------------------------- composition
+
+
+def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
+    """Compose an experiment YAML with its group defaults and ``key=value`` overrides."""
+    path = Path(path)
+    body = _read_yaml(path)
+    source = _display(path)
+    defaults = {group: (name, source) for group, name in _parse_defaults(body.pop("defaults", []), source).items()}
+    dotlist = []
+    for item in overrides:
+        key, sep, _ = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"{CLI_SOURCE}: override {item!r} is not key=value")
+        if key in GROUPS:  # group=name swaps a defaults entry
+            defaults[key] = (item[len(key) + 1 :], CLI_SOURCE)
+        else:
+            dotlist.append(item)
+
+    configs_dir = find_configs_dir(path)
+    merged = OmegaConf.structured(ExperimentConfig)
+    for group, (name, named_in) in defaults.items():
+        group_file = configs_dir / group / f"{name}.yaml"
+        if not group_file.is_file():
+            raise ConfigError(f"{named_in}: no config '{group}: {name}' ({_display(group_file)} not found)")
+        merged = _merge(merged, {group: _read_yaml(group_file)}, _display(group_file))
+    merged = _merge(merged, body, source)
+    try:
+        cli = OmegaConf.from_dotlist(dotlist)
+    except (yaml.YAMLError, OmegaConfBaseException) as err:
+        raise ConfigError(f"{CLI_SOURCE}: cannot parse overrides {' '.join(dotlist)!r}: {_first_line(err)}") from None
+    merged = _merge(merged, cli, CLI_SOURCE)
+    if not OmegaConf.is_missing(merged.model, "init_from") and merged.model.init_from is not None:
+        _adopt_pretrained_architecture(merged.model)
+    return _finalize(merged)
+
+
+def from_dict(raw: dict[str, Any], source: str = "checkpoint") -> ExperimentConfig:
+    """Rebuild a validated config from :func:`to_dict` output (e.g. a checkpoint's hyperparameters)."""
+    return _finalize(_merge(OmegaConf.structured(ExperimentConfig), raw, source))
+
+
+def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
+    """The config as plain Python containers (for ``save_hyperparameters`` and JSON)."""
+    return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(cfg))
+
+
+def find_configs_dir(experiment: str | Path) -> Path:
+    """The ``configs/`` directory for an experiment file (see module docstring)."""
+    for parent in Path(experiment).resolve().parents:
+        if (parent / "configs").is_dir():
+            return parent / "configs"
+    return Path(__file__).resolve().parents[3] / "configs"
+
+
+def _adopt_pretrained_architecture(model: DictConfig) -> None:
+    """Set the architecture fields of ``model`` from ``<init_from>/config.json``."""
+    config_file = Path(model.init_from) / "config.json"
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"model.init_from: {config_file} not found (expected an HF model directory)") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ConfigError(f"model.init_from: {config_file} is not valid JSON: {err}") from None
+    try:
+        pretrained = JetMoeConfig.from_dict(raw)
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"model.init_from: {config_file}: {err}") from None
+    for f in dataclasses.fields(ModelConfig):
+        if f.name not in BUILD_FIELDS + TRAINING_FIELDS:
+            model[f.name] = getattr(pretrained, f.name)
+
+
+def _display(path: Path) -> str:
+    """A path as short as possible: relative to the working directory when below it."""
+    try:
+        return str(path.resolve().relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise FileNotFoundError(f"config file not found: {path}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{_display(path)}: not a UTF-8 text file") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ConfigError(f"{_display(path)}: invalid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{_display(path)}: expected a mapping of config keys, got a {type(data).__name__}")
+    # Parse again with omegaconf's YAML rules (e.g. 1e-3 is a float there, a string for PyYAML).
+    return OmegaConf.to_container(OmegaConf.create(text))
+
+
+def _parse_defaults(entries: Any, source: str) -> dict[str, str]:
+    if not isinstance(entries, list):
+        raise ConfigError(f"{source}: 'defaults' must be a list like [{{model: small}}, {{optim: adamw_wsd}}]")
+    defaults: dict[str, str] = {}
+    for entry in entries:
+        if not (isinstance(entry, dict) and len(entry) == 1):
+            raise ConfigError(f"{source}: defaults entry {entry!r} must be a single 'group: name' pair")
+        ((group, name),) = entry.items()
+        if group not in GROUPS:
+            raise ConfigError(f"{source}: defaults: unknown group {group!r} (choose from {', '.join(GROUPS)})")
+        defaults[group] = str(name)
+    return defaults
+
+
+def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
+    """Merge ``update`` onto ``base``, turning omegaconf errors into one-line ConfigErrors."""
+    for group, value in update.items() if isinstance(update, dict) else ():
+        if group in GROUPS and not isinstance(value, (dict, type(None))):
+            raise ConfigError(f"{source}: '{group}' must be a mapping of {group} settings, got {value!r}")
+    try:
+        merged = OmegaConf.merge(base, update)
+        for key in _required_keys(update):  # merging "???" keeps the old value: mark it missing again
+            OmegaConf.update(merged, key, MISSING_VALUE, merge=False)
+        return merged
+    except ConfigKeyError as err:
+        hint = re.search(r"Did you mean: '(\w+)'", err.msg or "")
+        parent = err.full_key.rpartition(".")[0] if err.full_key else ""
+        suggestion = f" (did you mean '{parent + '.' if parent else ''}{hint.group(1)}'?)" if hint else ""
+        raise ConfigError(f"{source}: unknown key '{err.full_key}'{suggestion}") from None
+    except ValidationError as err:
+        raise ConfigError(f"{source}: {_describe_validation(err)}") from None
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"{source}: {_first_line(err)}") from None
+
+
+def _required_keys(update: Any, prefix: str = "") -> Iterator[str]:
+    """Dotted keys that ``update`` sets to ``???`` (a value the command line must provide)."""
+    items = update.items() if isinstance(update, dict) else OmegaConf.to_container(update).items()
+    for key, value in items:
+        if isinstance(value, dict):
+            yield from _required_keys(value, f"{prefix}{key}.")
+        elif value == MISSING_VALUE:
+            yield f"{prefix}{key}"
+
+
+def _describe_validation(err: ValidationError) -> str:
+    expected = _field_type(err.object_type, err.key)
+    if err.full_key and expected:
+        return f"'{err.full_key}' expects {expected}, got {err.value!r}"
+    if err.full_key:
+        return f"'{err.full_key}': {_first_line(err)}"
+    return _first_line(err)
+
+
+def _field_type(cls: Any, key: Any) -> Optional[str]:
+    if not dataclasses.is_dataclass(cls):
+        return None
+    hints = typing.get_type_hints(cls)
+    return _type_name(hints[key]) if key in hints else None
+
+
+def _type_name(tp: Any) -> str:
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in args)
+    if typing.get_origin(tp) is list:
+        return f"a list of {_type_name(args[0])}"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _first_line(err: Exception) -> str:
+    msg = getattr(err, "msg", None) or str(err)
+    return msg.strip().splitlines()[0]
+
+
+def _is_interpolation(cfg: DictConfig, key: str) -> bool:
+    parent, _, leaf = key.rpartition(".")
+    return OmegaConf.is_interpolation(OmegaConf.select(cfg, parent) if parent else cfg, leaf)
+
+
+def _finalize(merged: DictConfig) -> ExperimentConfig:
+    missing = sorted(key for key in OmegaConf.missing_keys(merged) if not _is_interpolation(merged, key))
+    if missing:
+        raise ConfigError(f"missing required value '{missing[0]}' (set it on the command line: {missing[0]}=...)")
+    try:
+        OmegaConf.resolve(merged)
+        cfg = OmegaConf.to_object(merged)
+    except OmegaConfBaseException as err:
+        key = f"'{err.full_key}': " if err.full_key else ""
+        raise ConfigError(f"{key}{_first_line(err)}") from None
+    validate(cfg)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- cross-field checks
+
+
+def validate(cfg: ExperimentConfig) -> None:
+    """Value and cross-field checks; raises ConfigError with one line naming the keys."""
+    problem = next(_problems(cfg), None)
+    if problem:
+        raise ConfigError(problem)
+
+
+def _problems(cfg: ExperimentConfig) -> Iterator[str]:
+    m, o, t, r = cfg.model, cfg.optim, cfg.trainer, cfg.run
+    if m.num_experts_per_tok > m.num_local_experts:
+        yield (f"model.num_experts_per_tok ({m.num_experts_per_tok}) must be <= "
+               f"model.num_local_experts ({m.num_local_experts})")
+    try:
+        build_model_config(m)
+    except ValueError as err:
+        yield f"model.{err}"
+    try:
+        validate_data_config(cfg.data)
+    except ValueError as err:
+        yield str(err)
+    if cfg.data.seq_len > m.max_position_embeddings:
+        yield (f"data.seq_len ({cfg.data.seq_len}) must be <= "
+               f"model.max_position_embeddings ({m.max_position_embeddings})")
+    if o.on_nonfinite not in ("stop", "skip"):
+        yield f"optim.on_nonfinite must be 'stop' or 'skip', got {o.on_nonfinite!r}"
+    if o.schedule not in SCHEDULES:
+        yield f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}"
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        yield f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}"
+    for key in ("lr", "eps"):
+        if getattr(o, key) <= 0:
+            yield f"optim.{key} must be > 0, got {getattr(o, key)}"
+    for key in ("weight_decay", "grad_clip"):
+        if getattr(o, key) < 0:
+            yield f"optim.{key} must be >= 0 (0 disables), got {getattr(o, key)}"
+    for key in ("decay_fraction", "min_lr_ratio"):
+        if not 0 <= getattr(o, key) <= 1:
+            yield f"optim.{key} must be in [0, 1], got {getattr(o, key)}"
+    for key in ("max_steps", "val_check_interval", "log_every_n_steps", "accumulate_grad_batches", "num_nodes"):
+        if getattr(t, key) <= 0:
+            yield f"trainer.{key} must be > 0, got {getattr(t, key)}"
+            return  # the checks below divide by these
+    if not 0 <= o.warmup_steps <= t.max_steps:
+        yield f"optim.warmup_steps ({o.warmup_steps}) must be in [0, trainer.max_steps ({t.max_steps})]"
+    stable_end = int(t.max_steps * (1 - o.decay_fraction))
+    if o.schedule == "wsd" and o.warmup_steps > stable_end:
+        yield (f"optim.warmup_steps ({o.warmup_steps}) runs into the WSD decay: it must be <= "
+               f"trainer.max_steps * (1 - optim.decay_fraction) ({stable_end})")
+    if t.strategy not in STRATEGIES:
+        yield f"trainer.strategy must be one of {', '.join(STRATEGIES)}, got {t.strategy!r}"
+    if t.precision not in PRECISIONS:
+        yield f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}"
+    if r.expert_log_every_n_steps <= 0 or r.expert_log_every_n_steps % t.log_every_n_steps:
+        yield (f"run.expert_log_every_n_steps ({r.expert_log_every_n_steps}) must be a positive multiple of "
+               f"trainer.log_every_n_steps ({t.log_every_n_steps})")
+    elif r.heatmap_every_n_steps < 0 or r.heatmap_every_n_steps % r.expert_log_every_n_steps:
+        yield (f"run.heatmap_every_n_steps ({r.heatmap_every_n_steps}) must be 0 or a multiple of "
+               f"run.expert_log_every_n_steps ({r.expert_log_every_n_steps})")
+    if r.sample_tokens < 0:
+        yield f"run.sample_tokens must be >= 0, got {r.sample_tokens}"
+    if not r.name or "/" in r.name or r.name in (".", ".."):
+        yield f"run.name must be a plain directory name, got {r.name!r}"
+
+
+def build_model_config(m: ModelConfig) -> JetMoeConfig:
+    """The :class:`jetmoe.JetMoeConfig` described by the ``model`` section."""
+    fields = {k: v for k, v in dataclasses.asdict(m).items() if k not in BUILD_FIELDS}
+    return JetMoeConfig(**fields)

@@ -1,0 +1,301 @@
+"""Training runs end to end, and generation / evaluation from a finished run.
+
+A run directory ``<run.output_dir>/<run.name>/`` holds::
+
+    config.yaml                 the resolved experiment config
+    checkpoints/last.ckpt       Lightning checkpoint of the last step (``--resume`` continues from it)
+    checkpoints/best-*.ckpt     lowest val/loss so far
+    tb/                         TensorBoard event files
+    expert_utilization.{json,csv}   routing statistics (``jetmoe report``)
+    hf/                         config.json + model.safetensors + tokenizer.json (transformers-loadable)
+    metrics.json                final losses, throughput, parameter counts
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import math
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
+from omegaconf import OmegaConf
+from tokenizers import Tokenizer
+
+from jetmoe import JetMoeForCausalLM
+from jetmoe.data.config import DataConfig
+from jetmoe.data.datamodule import JetMoeDataModule
+from jetmoe.data.packing import document_position_ids, encode_documents
+from jetmoe.data.sources import read_files, resolve_files
+from jetmoe.data.tokenizer import read_tokenizer
+from jetmoe.training.callbacks import ProgressLog, ValidateOnLastStep
+from jetmoe.training.config import ConfigError, ExperimentConfig, build_model_config, to_yaml
+from jetmoe.training.expert_callback import ExpertUtilizationCallback
+from jetmoe.training.module import JetMoeLitModule
+from jetmoe.training.reliability import AtomicCheckpointIO, NonFiniteGuard, resumable_checkpoint
+
+CHECKPOINTS, TENSORBOARD, HF_EXPORT = "checkpoints", "tb", "hf"
+LAST_CKPT = "last.ckpt"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+def run_dir_of(cfg: ExperimentConfig) -> Path:
+    return Path(cfg.run.output_dir) / cfg.run.name
+
+
+# ----------------------------------------------------------------------------- training
+
+
+def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
+    """Train ``cfg`` (or continue its run from ``checkpoints/last.ckpt``), export ``hf/``, write
+    ``metrics.json`` and generate a sample. Returns a summary dict (paths, metrics, sample)."""
+    run_dir = run_dir_of(cfg)
+    last_ckpt = run_dir / CHECKPOINTS / LAST_CKPT
+    trainer = _build_trainer(cfg, run_dir)  # first: rejects unsupported settings before anything is written
+    _prepare_run_dir(run_dir, last_ckpt, resume, to_yaml(cfg))
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+
+    m = cfg.model
+    data = JetMoeDataModule(
+        cfg.data,
+        vocab_size=m.vocab_size,
+        bos_token_id=m.bos_token_id,
+        eos_token_id=m.eos_token_id,
+        pad_token_id=m.pad_token_id,
+        seed=cfg.run.seed,
+    )
+    module = JetMoeLitModule(cfg)
+
+    start = time.perf_counter()
+    ckpt_path = resumable_checkpoint(run_dir / CHECKPOINTS, LAST_CKPT) if resume else None
+    trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    wall_time = time.perf_counter() - start
+
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "checkpoints": str(run_dir / CHECKPOINTS),
+        "tensorboard": str(run_dir / TENSORBOARD),
+        "hf_dir": str(run_dir / HF_EXPORT),
+    }
+    if not trainer.is_global_zero:
+        return summary
+    export(module.model, data.tokenizer_path, run_dir / HF_EXPORT)
+    metrics = _final_metrics(trainer, module, wall_time)
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    summary["metrics"] = metrics
+    if cfg.run.sample_tokens:
+        summary["sample"] = sample(module.model, data.tokenizer, cfg.run.sample_prompt, cfg.run.sample_tokens, seed=cfg.run.seed)
+    return summary
+
+
+def _prepare_run_dir(run_dir: Path, last_ckpt: Path, resume: bool, config_yaml: str) -> None:
+    if resume and not any(last_ckpt.parent.glob("*.ckpt")):
+        raise FileNotFoundError(f"--resume: no checkpoint in {last_ckpt.parent}")
+    if not resume and last_ckpt.exists():
+        raise FileExistsError(
+            f"{run_dir} already holds a run: pass --resume to continue it, or choose another run.name / run.output_dir"
+        )
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(config_yaml)
+    except OSError as err:
+        raise OSError(f"cannot write the run directory {run_dir}: {err.strerror or err}") from None
+
+
+def _build_trainer(cfg: ExperimentConfig, run_dir: Path) -> L.Trainer:
+    t = cfg.trainer
+    if t.strategy == "fsdp":
+        raise ConfigError("trainer.strategy=fsdp is not yet supported (use auto or ddp)")
+    m = cfg.model
+    callbacks = [
+        ModelCheckpoint(
+            dirpath=run_dir / CHECKPOINTS,
+            filename="best-step{step}",
+            auto_insert_metric_name=False,
+            monitor="val/loss",
+            mode="min",
+            save_top_k=1,
+            save_last=True,
+        ),
+        ValidateOnLastStep(),
+        NonFiniteGuard(cfg.optim.on_nonfinite),
+        ExpertUtilizationCallback(
+            num_layers=m.num_hidden_layers,
+            num_experts=m.num_local_experts,
+            top_k=m.num_experts_per_tok,
+            log_every_n_steps=cfg.run.expert_log_every_n_steps,
+            heatmap_every_n_steps=cfg.run.heatmap_every_n_steps,
+            output_dir=run_dir,
+        ),
+        ProgressLog(t.log_every_n_steps),  # plain lines instead of a redrawn bar: same in a terminal and a log file
+    ]
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        max_steps=t.max_steps,
+        max_epochs=-1,
+        check_val_every_n_epoch=None,  # validate every val_check_interval batches, across epochs
+        val_check_interval=t.val_check_interval * t.accumulate_grad_batches,
+        limit_val_batches=t.limit_val_batches,
+        num_sanity_val_steps=0,
+        accumulate_grad_batches=t.accumulate_grad_batches,
+        gradient_clip_val=cfg.optim.grad_clip or None,
+        gradient_clip_algorithm="norm",
+        log_every_n_steps=t.log_every_n_steps,
+        deterministic=t.deterministic,
+        logger=TensorBoardLogger(run_dir, name=TENSORBOARD, version="", default_hp_metric=False),
+        callbacks=callbacks,
+        enable_progress_bar=False,
+        default_root_dir=run_dir,
+        use_distributed_sampler=False,  # the data module shards by rank itself
+        plugins=[AtomicCheckpointIO()],  # write-then-rename checkpoints, loaded with weights_only=True
+    )
+
+
+def _final_metrics(trainer: L.Trainer, module: JetMoeLitModule, wall_time: float) -> dict[str, Any]:
+    def metric(name: str) -> float | None:
+        value = trainer.callback_metrics.get(name)
+        return None if value is None else float(value)
+
+    params = build_model_config(module.cfg.model).num_parameters()
+    return {
+        "step": trainer.global_step,
+        "train_loss": metric("train/loss"),
+        "val_loss": metric("val/loss"),
+        "val_ppl": metric("val/ppl"),
+        "tokens_seen": module.tokens_seen,
+        "wall_time_s": round(wall_time, 2),  # the whole fit: data preparation, training, validation
+        "train_time_s": round(module.fit_seconds, 2),
+        "tokens_per_sec": round(module.fit_tokens / module.fit_seconds, 1) if module.fit_seconds > 0 else None,
+        "params_total": params["total"],
+        "params_active": params["active"],
+    }
+
+
+def export(model: JetMoeForCausalLM, tokenizer_path: str | Path, hf_dir: Path) -> None:
+    """Write the HF-format model (config.json, model.safetensors) plus its tokenizer.json."""
+    model.save_pretrained(hf_dir)
+    shutil.copyfile(tokenizer_path, hf_dir / TOKENIZER_FILE)
+
+
+# ----------------------------------------------------------------------------- generation / evaluation
+
+
+def load_pretrained(path: str | Path) -> tuple[JetMoeForCausalLM, Tokenizer]:
+    """Model and tokenizer from a run directory (its ``hf/``) or an HF model directory."""
+    path = Path(path)
+    hf_dir = path / HF_EXPORT if (path / HF_EXPORT / "config.json").is_file() else path
+    if not (hf_dir / "config.json").is_file():
+        raise FileNotFoundError(f"{path} is neither a run directory (with {HF_EXPORT}/) nor a model directory (with config.json)")
+    if not (hf_dir / TOKENIZER_FILE).is_file():
+        raise FileNotFoundError(f"{hf_dir} has no {TOKENIZER_FILE}")
+    model = JetMoeForCausalLM.from_pretrained(hf_dir)
+    return model.eval(), read_tokenizer(hf_dir / TOKENIZER_FILE)
+
+
+@torch.no_grad()
+def sample(
+    model: JetMoeForCausalLM,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int,
+    *,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    do_sample: bool = True,
+    seed: int = 0,
+) -> str:
+    """``prompt`` followed by up to ``max_new_tokens`` generated tokens (stops at EOS), as text."""
+    ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [model.config.eos_token_ids[0]]
+    room = model.config.max_position_embeddings - len(ids)
+    if room <= 0:
+        raise ValueError(f"the prompt is {len(ids)} tokens, max_position_embeddings is {model.config.max_position_embeddings}")
+    was_training = model.training
+    model.eval()
+    out = model.generate(
+        torch.tensor([ids], device=model.device),
+        max_new_tokens=min(max_new_tokens, room),
+        do_sample=do_sample,
+        temperature=temperature,
+        top_k=top_k,
+        top_p=top_p,
+        generator=torch.Generator(model.device).manual_seed(seed),
+    )
+    model.train(was_training)
+    return tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
+
+
+def generate(
+    path: str | Path,
+    prompt: str,
+    max_new_tokens: int = 200,
+    temperature: float = 0.8,
+    top_k: int | None = 50,
+    top_p: float | None = None,
+    do_sample: bool = True,
+    seed: int = 0,
+) -> str:
+    """Generate text from a run directory or an HF model directory."""
+    model, tokenizer = load_pretrained(path)
+    return sample(
+        model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+        do_sample=do_sample, seed=seed,
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    path: str | Path, files: Sequence[str], seq_len: int | None = None, batch_size: int = 8
+) -> dict[str, float]:
+    """Token-level cross-entropy and perplexity of a model on text files.
+
+    Each file is tokenized with the model's tokenizer (EOS after each document, as in training) and
+    cut into windows of ``seq_len`` tokens (default: the run's ``data.seq_len``, else the model's
+    ``max_position_embeddings``); every token but a window's first is scored once.
+    """
+    model, tokenizer = load_pretrained(path)
+    seq_len = seq_len or _training_seq_len(Path(path)) or model.config.max_position_embeddings
+    if not 2 <= seq_len <= model.config.max_position_embeddings:
+        raise ValueError(f"--seq-len must be in [2, {model.config.max_position_embeddings}], got {seq_len}")
+    if batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+    missing = [f for f in files if not glob.has_magic(f) and not Path(f).expanduser().exists()]
+    if missing:
+        raise FileNotFoundError(f"file not found: {missing[0]}")
+    data = DataConfig()
+    docs = read_files(resolve_files(files), data.text_field, data.text_split, data.cache_dir)
+    eos = model.config.eos_token_ids[0]
+    stream, _ = encode_documents(tokenizer, docs, eos, np.dtype(np.int64))
+    full = len(stream) // seq_len * seq_len
+    batches = list(torch.from_numpy(stream[:full]).view(-1, seq_len).split(batch_size))
+    if len(stream) - full >= 2:  # the tail window, if it has a token to score
+        batches.append(torch.from_numpy(stream[full:])[None])
+
+    total_ce, total_tokens = 0.0, 0
+    for input_ids in batches:
+        position_ids = torch.from_numpy(document_position_ids(input_ids.numpy(), eos).astype(np.int64))
+        out = model(input_ids, position_ids=position_ids, labels=input_ids, use_cache=False)
+        scored = input_ids.shape[0] * (input_ids.shape[1] - 1)
+        total_ce += out.ce_loss.item() * scored
+        total_tokens += scored
+    loss = total_ce / total_tokens
+    return {"loss": loss, "ppl": math.exp(loss), "tokens": total_tokens}
+
+
+def _training_seq_len(path: Path) -> int | None:
+    """``data.seq_len`` from a run directory's config.yaml, if ``path`` is one."""
+    config_file = path / "config.yaml"
+    if not config_file.is_file():
+        return None
+    return OmegaConf.load(config_file).get("data", {}).get("seq_len")

@@ -1,0 +1,174 @@
+"""Experiment composition: shipped YAMLs, overrides, and one-line errors naming their source."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from jetmoe.training.config import (
+    ConfigError,
+    ExperimentConfig,
+    find_configs_dir,
+    from_dict,
+    load_config,
+    to_dict,
+)
+
+REPO = Path(__file__).resolve().parents[2]
+# Experiment configs; sweep specs (a top-level `base:`, see jetmoe.training.sweep) live alongside them.
+EXPERIMENTS = [p for p in sorted((REPO / "experiments").glob("*.yaml")) if "base" not in yaml.safe_load(p.read_text())]
+
+
+def test_every_shipped_experiment_composes():
+    names = {p.stem for p in EXPERIMENTS}
+    assert {"default", "shakespeare", "jetmoe_8b", "finetune"} <= names
+    for path in EXPERIMENTS:
+        if path.stem == "finetune":
+            continue  # needs an HF directory: see test_finetune_*
+        cfg = load_config(path)
+        assert isinstance(cfg, ExperimentConfig)
+        assert cfg.run.name == path.stem
+
+
+def test_default_experiment_is_a_small_moa_moe_on_stdlib():
+    cfg = load_config(REPO / "experiments/default.yaml")
+    m = cfg.model
+    assert (m.num_local_experts, m.num_experts_per_tok) == (8, 2)
+    assert cfg.data.source == "stdlib"
+    assert cfg.optim.schedule == "wsd" and cfg.optim.min_lr_ratio == 0.1
+    assert cfg.trainer.accelerator == "cpu" and cfg.trainer.precision == "32-true"
+    from jetmoe.training.config import build_model_config
+
+    assert 1e6 < build_model_config(m).num_parameters()["total"] < 2e7
+
+
+def test_jetmoe_8b_is_the_paper_recipe():
+    cfg = load_config(REPO / "experiments/jetmoe_8b.yaml")
+    m, o, t = cfg.model, cfg.optim, cfg.trainer
+    assert (m.num_hidden_layers, m.hidden_size, m.num_local_experts, m.num_experts_per_tok) == (24, 2048, 8, 2)
+    assert (m.num_key_value_heads, m.kv_channels, m.intermediate_size, m.vocab_size) == (16, 128, 5632, 32000)
+    assert cfg.data.seq_len == 4096
+    assert (o.lr, o.weight_decay, o.grad_clip, o.schedule, o.min_lr_ratio) == (5e-4, 0.1, 1.0, "wsd", 0.1)
+    assert t.precision == "bf16-mixed" and t.accelerator == "gpu"
+    from jetmoe.training.config import build_model_config
+
+    params = build_model_config(m).num_parameters()
+    assert 8.0e9 < params["total"] < 9.0e9 and 2.0e9 < params["active"] < 2.5e9
+
+
+def test_overrides_and_group_swaps_apply_in_order():
+    cfg = load_config(REPO / "experiments/default.yaml", ["model=tiny", "optim.lr=1e-2", "optim.betas=[0.8,0.9]"])
+    assert cfg.model.hidden_size == 64  # configs/model/tiny.yaml
+    assert cfg.optim.lr == 0.01 and cfg.optim.betas == [0.8, 0.9]
+    assert cfg.trainer.max_steps == load_config(REPO / "experiments/default.yaml").trainer.max_steps
+
+
+def test_round_trip_through_a_plain_dict():
+    cfg = load_config(REPO / "experiments/default.yaml")
+    raw = to_dict(cfg)
+    json.dumps(raw)  # plain containers only
+    assert from_dict(raw) == cfg
+
+
+def test_configs_dir_is_found_above_the_experiment(tmp_path):
+    (tmp_path / "configs/model").mkdir(parents=True)
+    (tmp_path / "configs/model/mine.yaml").write_text("hidden_size: 96\nkv_channels: 16\n")
+    (tmp_path / "exp").mkdir()
+    exp = tmp_path / "exp/e.yaml"
+    exp.write_text("defaults:\n  - model: mine\n")
+    assert find_configs_dir(exp) == tmp_path / "configs"
+    assert load_config(exp).model.hidden_size == 96
+
+
+@pytest.fixture
+def experiment(tmp_path):
+    """Write an experiment next to a copy of the shipped configs; returns its path."""
+
+    def write(body: str, name: str = "exp.yaml") -> Path:
+        configs = tmp_path / "configs"
+        if not configs.exists():
+            configs.symlink_to(REPO / "configs")
+        path = tmp_path / "experiments" / name
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(body)
+        return path
+
+    return write
+
+
+BASE = "defaults:\n  - model: tiny\n  - trainer: cpu\n"
+
+
+@pytest.mark.parametrize(
+    ("body", "overrides", "message"),
+    [
+        (BASE + "model:\n  hiden_size: 3\n", [],
+         r"experiments/exp.yaml: unknown key 'model.hiden_size' \(did you mean 'model.hidden_size'\?\)"),
+        (BASE + "modle: {}\n", [], r"experiments/exp.yaml: unknown key 'modle'"),
+        (BASE + "model: 3\n", [], r"experiments/exp.yaml: 'model' must be a mapping of model settings, got 3"),
+        (BASE, ["optim.lrr=1"], r"command line: unknown key 'optim.lrr'"),
+        (BASE + "model:\n  hidden_size: big\n", [], r"exp.yaml: 'model.hidden_size' expects int, got 'big'"),
+        (BASE, ["trainer.devices=[1]"], r"command line: 'trainer.devices' expects int or str"),
+        (BASE, ["model.init_from=[1]"], r"'model.init_from' expects str or null"),
+        (BASE + "model:\n  num_experts_per_tok: 5\n", [],
+         r"^model.num_experts_per_tok \(5\) must be <= model.num_local_experts \(4\)$"),
+        (BASE + "data:\n  seq_len: 512\n", [],
+         r"^data.seq_len \(512\) must be <= model.max_position_embeddings \(256\)$"),
+        (BASE, ["optim.schedule=linear"], r"optim.schedule must be one of wsd, cosine, constant"),
+        (BASE, ["trainer.max_steps=100", "optim.warmup_steps=95"], r"optim.warmup_steps \(95\) runs into the WSD decay"),
+        (BASE, ["trainer.log_every_n_steps=3", "run.expert_log_every_n_steps=10"],
+         r"run.expert_log_every_n_steps \(10\) must be a positive multiple of trainer.log_every_n_steps \(3\)"),
+        (BASE, ["model.kv_channels=15"], r"model.kv_channels must be even"),
+        (BASE, ["data.source=web"], r"data.source must be one of"),
+        (BASE, ["trainer.precision=16-mixed"], r"trainer.precision must be one of"),
+        (BASE, ["model=huge"], r"command line: no config 'model: huge'"),
+        (BASE, ["lr"], r"command line: override 'lr' is not key=value"),
+        ("defaults:\n  - modle: tiny\n", [], r"exp.yaml: defaults: unknown group 'modle'"),
+        ("defaults: tiny\n", [], r"exp.yaml: 'defaults' must be a list"),
+        ("- model\n- tiny\n", [], r"exp.yaml: expected a mapping of config keys, got a list"),
+        ("just a sentence\n", [], r"exp.yaml: expected a mapping of config keys, got a str"),
+        ("model: [\n", [], r"exp.yaml: invalid YAML \(line 2\)"),
+        (BASE + "model:\n  init_from: ???\n", [], r"missing required value 'model.init_from'"),
+    ],
+)
+def test_config_errors_are_one_line_naming_the_key(experiment, body, overrides, message):
+    with pytest.raises(ConfigError, match=message) as info:
+        load_config(experiment(body), overrides)
+    assert "\n" not in str(info.value)
+
+
+def test_error_in_a_group_file_names_that_file(tmp_path):
+    (tmp_path / "configs/optim").mkdir(parents=True)
+    (tmp_path / "configs/optim/bad.yaml").write_text("lr: 1e-3\nwarmup: 10\n")
+    exp = tmp_path / "e.yaml"
+    exp.write_text("defaults:\n  - optim: bad\n")
+    with pytest.raises(ConfigError, match=r"configs/optim/bad.yaml: unknown key 'optim.warmup'"):
+        load_config(exp)
+
+
+def test_missing_experiment_file():
+    with pytest.raises(FileNotFoundError, match="config file not found"):
+        load_config("no/such/experiment.yaml")
+
+
+def test_finetune_adopts_the_pretrained_architecture(tmp_path):
+    from jetmoe.config import JetMoeConfig
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    pretrained = JetMoeConfig.from_name("test", vocab_size=300, pad_token_id=0)
+    (hf / "config.json").write_text(json.dumps(pretrained.to_dict()))
+    cfg = load_config(REPO / "experiments/finetune.yaml", [f"model.init_from={hf}", "model.aux_loss_coef=0.02"])
+    assert (cfg.model.vocab_size, cfg.model.hidden_size) == (300, pretrained.hidden_size)
+    assert cfg.model.aux_loss_coef == 0.02  # a training field keeps its configured value
+    assert cfg.data.tokenizer_path == f"{hf}/tokenizer.json"
+
+
+def test_finetune_requires_init_from(tmp_path):
+    with pytest.raises(ConfigError, match=r"missing required value 'model.init_from'"):
+        load_config(REPO / "experiments/finetune.yaml")
+    with pytest.raises(FileNotFoundError, match=r"model.init_from: .*config.json not found"):
+        load_config(REPO / "experiments/finetune.yaml", [f"model.init_from={tmp_path}"])
