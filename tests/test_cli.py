@@ -165,7 +165,6 @@ ERRORS = [
     (None, ["model.hidden_size=wide"], "command line: 'model.hidden_size' expects int, got 'wide'"),
     (None, ["model.num_experts_per_tok=5"], "model.num_experts_per_tok (5) must be <= model.num_local_experts (4)"),
     (None, ["data.seq_len=300"], "data.seq_len (300) must be <= model.max_position_embeddings (256)"),
-    (None, ["trainer.strategy=fsdp"], "trainer.strategy=fsdp is not yet supported"),
     (None, [*FILE_DATA, "data.data_files=[{tmp}/nope.txt]"], "nope.txt"),
     (None, [*FILE_DATA, "data.data_files=[{tmp}/empty.txt]"], "empty.txt: file is empty"),
     (None, [*FILE_DATA, "data.data_files=[{tmp}/latin1.txt]"], "latin1.txt: not UTF-8"),

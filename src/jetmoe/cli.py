@@ -105,6 +105,21 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("report", help="expert-utilization table of a finished run")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(command=_report)
+    p = commands.add_parser("plan", help="per-device memory and tokens/day of an experiment on a cluster")
+    p.add_argument("experiment", help="experiment YAML, e.g. experiments/jetmoe_8b.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    p.add_argument("--gpus", type=int, default=8, help="total devices")
+    p.add_argument("--gpu-memory-gb", type=float, default=80.0)
+    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per device (H100 SXM: 989)")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
+    p.set_defaults(command=_plan)
+
+    p = commands.add_parser("consolidate", help="one HF-format directory from a run's sharded (FSDP) checkpoint")
+    p.add_argument("run_dir", metavar="RUN_DIR")
+    p.add_argument("--checkpoint", default="last.ckpt", help="checkpoint name under RUN_DIR/checkpoints")
+    p.add_argument("--out", default=None, help="output directory (default RUN_DIR/hf)")
+    p.set_defaults(command=_consolidate)
+
     return parser
 
 
@@ -157,6 +172,42 @@ def _eval(args: argparse.Namespace) -> None:
 
     result = evaluate(args.model_dir, args.files, seq_len=args.seq_len, batch_size=args.batch_size)
     print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.2f}  tokens {result['tokens']:,}")
+
+
+def _plan(args: argparse.Namespace) -> None:
+    from jetmoe.distributed import estimate, format_plan
+    from jetmoe.training.config import build_model_config, load_config
+
+    cfg = load_config(args.experiment, args.overrides)
+    t, d = cfg.trainer, cfg.data
+    tokens_per_step = d.seq_len * d.batch_size * t.accumulate_grad_batches * args.gpus
+    print(format_plan(estimate(
+        build_model_config(cfg.model), seq_len=d.seq_len, global_batch_tokens=tokens_per_step,
+        micro_batch_size=d.batch_size, gpus=args.gpus, gpu_memory_gb=args.gpu_memory_gb, precision=t.precision,
+        activation_checkpointing="full" if cfg.model.gradient_checkpointing else "none",
+        peak_tflops=args.peak_tflops, mfu=args.mfu,
+    )))
+
+
+def _consolidate(args: argparse.Namespace) -> None:
+    import shutil
+
+    from omegaconf import OmegaConf
+
+    from jetmoe.distributed import consolidate
+    from jetmoe.training.config import build_model_config, from_dict
+
+    run_dir = Path(args.run_dir)
+    config_file = run_dir / "config.yaml"
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file}: missing (expected a run directory written by jetmoe train)")
+    cfg = from_dict(OmegaConf.to_container(OmegaConf.load(config_file)), source=str(config_file))
+    out = Path(args.out) if args.out else run_dir / "hf"
+    consolidate(run_dir / "checkpoints" / args.checkpoint, out, build_model_config(cfg.model))
+    tokenizer = run_dir / "hf" / "tokenizer.json"
+    if tokenizer.is_file() and not (out / "tokenizer.json").exists():
+        shutil.copyfile(tokenizer, out / "tokenizer.json")
+    print(f"wrote {out} (config.json, model.safetensors)")
 
 
 def _report(args: argparse.Namespace) -> None:

@@ -36,7 +36,7 @@ class ProgressLog(L.Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
         step = trainer.global_step
-        if step == self._last_logged or (step % self.every_n_steps and step != trainer.max_steps):
+        if not trainer.is_global_zero or step == self._last_logged or (step % self.every_n_steps and step != trainer.max_steps):
             return
         self._last_logged = step
         m = trainer.callback_metrics
@@ -55,7 +55,7 @@ class ProgressLog(L.Callback):
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         m = trainer.callback_metrics
-        if trainer.sanity_checking or "val/loss" not in m:
+        if not trainer.is_global_zero or trainer.sanity_checking or "val/loss" not in m:
             return
         log.info(f"step {trainer.global_step}/{trainer.max_steps} | val/loss {m['val/loss']:.4f} | val/ppl {m['val/ppl']:.2f}")
 

@@ -116,7 +116,7 @@ class TrainerConfig:
     accelerator: str = "auto"
     devices: Union[int, str] = "auto"
     num_nodes: int = 1
-    strategy: str = "auto"  # auto | ddp | fsdp (fsdp: not yet supported)
+    strategy: str = "auto"  # auto | ddp | fsdp (FSDP2 via jetmoe.distributed)
     precision: str = "32-true"  # 32-true | bf16-mixed | bf16-true
     max_steps: int = 1000
     val_check_interval: int = 100  # validate every N optimizer steps

@@ -42,7 +42,18 @@ class JetMoeLitModule(L.LightningModule):
         """Build the model once (weights are initialised by its constructor, or loaded from ``init_from``)."""
         if self.model is not None:
             return
-        m = self.cfg.model
+        m, t = self.cfg.model, self.cfg.trainer
+        if self.device_mesh is not None:  # FSDP2Strategy: meta build -> parallelize -> shard-wise init
+            from jetmoe.distributed import build_sharded_causal_lm, load_hf_weights
+
+            self.model = build_sharded_causal_lm(
+                build_model_config(m), self.device_mesh, self.trainer.strategy.root_device,
+                activation_checkpointing="full" if m.gradient_checkpointing else "none",
+                compile=t.compile, precision=t.precision,
+            )
+            if m.init_from:
+                load_hf_weights(self.model, m.init_from)
+            return
         if m.init_from:
             overrides = {k: getattr(m, k) for k in TRAINING_FIELDS}
             model = JetMoeForCausalLM.from_pretrained(m.init_from, **overrides)
@@ -76,8 +87,9 @@ class JetMoeLitModule(L.LightningModule):
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size  # equal packed shapes per rank
         self.loss_terms = {"train/loss": out.loss, "train/ce": out.ce_loss, "train/aux": out.aux_loss,
                            "train/z": out.z_loss}  # checked by NonFiniteGuard before the optimizer step
-        self.log("train/loss", out.loss, prog_bar=True)
-        self.log_dict({"train/ce": out.ce_loss, "train/aux": out.aux_loss, "train/z": out.z_loss})
+        # sync_dist: the mean over ranks (a no-op on one process)
+        self.log("train/loss", out.loss, prog_bar=True, sync_dist=True)
+        self.log_dict({"train/ce": out.ce_loss, "train/aux": out.aux_loss, "train/z": out.z_loss}, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         self.log("train/tokens_seen", float(self.tokens_seen))
         return self._expert_outputs(out.loss, out)
@@ -111,7 +123,7 @@ class JetMoeLitModule(L.LightningModule):
     def on_validation_epoch_end(self) -> None:
         ce = self.val_ce.compute()  # synced across ranks
         self.val_ce.reset()
-        self.log_dict({"val/loss": ce, "val/ppl": ce.exp()}, prog_bar=True)
+        self.log_dict({"val/loss": ce, "val/ppl": ce.exp()}, prog_bar=True, sync_dist=True)  # equal on all ranks
 
     # ------------------------------------------------------------------ optimizer
     def configure_optimizers(self) -> dict[str, Any]:

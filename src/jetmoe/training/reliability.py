@@ -62,6 +62,11 @@ def resumable_checkpoint(checkpoint_dir: Path, preferred: str = "last.ckpt") -> 
     """The newest readable checkpoint in `checkpoint_dir`, `preferred` first; broken ones are logged and skipped."""
     candidates = sorted(checkpoint_dir.glob("*.ckpt"), key=lambda p: (p.name != preferred, -p.stat().st_mtime))
     for path in candidates:
+        if path.is_dir():  # a sharded (FSDP) checkpoint: complete once its .metadata is in place
+            if (path / ".metadata").is_file():
+                return path
+            log.warning("%s: incomplete sharded checkpoint; trying an older one", path)
+            continue
         try:
             read_checkpoint(path)
             return path

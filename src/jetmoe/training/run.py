@@ -38,6 +38,8 @@ from jetmoe.data.tokenizer import read_tokenizer
 from jetmoe.training.callbacks import ProgressLog, ValidateOnLastStep
 from jetmoe.training.config import ConfigError, ExperimentConfig, build_model_config, to_yaml
 from jetmoe.training.expert_callback import ExpertUtilizationCallback
+from jetmoe.distributed import save_hf
+from jetmoe.distributed.strategy import FSDP2Strategy
 from jetmoe.training.module import JetMoeLitModule
 from jetmoe.training.reliability import AtomicCheckpointIO, NonFiniteGuard, resumable_checkpoint
 
@@ -84,14 +86,18 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         "tensorboard": str(run_dir / TENSORBOARD),
         "hf_dir": str(run_dir / HF_EXPORT),
     }
+    sharded = isinstance(trainer.strategy, FSDP2Strategy)
+    if sharded:  # a collective: every rank contributes its shards to rank 0's full copy
+        save_hf(module.model, run_dir / HF_EXPORT)
     if not trainer.is_global_zero:
         return summary
-    export(module.model, data.tokenizer_path, run_dir / HF_EXPORT)
+    export(None if sharded else module.model, data.tokenizer_path, run_dir / HF_EXPORT)
     metrics = _final_metrics(trainer, module, wall_time)
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     summary["metrics"] = metrics
     if cfg.run.sample_tokens:
-        summary["sample"] = sample(module.model, data.tokenizer, cfg.run.sample_prompt, cfg.run.sample_tokens, seed=cfg.run.seed)
+        model = load_pretrained(run_dir)[0] if sharded else module.model  # sharded weights: use the export
+        summary["sample"] = sample(model, data.tokenizer, cfg.run.sample_prompt, cfg.run.sample_tokens, seed=cfg.run.seed)
     return summary
 
 
@@ -111,8 +117,7 @@ def _prepare_run_dir(run_dir: Path, last_ckpt: Path, resume: bool, config_yaml: 
 
 def _build_trainer(cfg: ExperimentConfig, run_dir: Path) -> L.Trainer:
     t = cfg.trainer
-    if t.strategy == "fsdp":
-        raise ConfigError("trainer.strategy=fsdp is not yet supported (use auto or ddp)")
+    fsdp = t.strategy == "fsdp"
     m = cfg.model
     callbacks = [
         ModelCheckpoint(
@@ -140,8 +145,8 @@ def _build_trainer(cfg: ExperimentConfig, run_dir: Path) -> L.Trainer:
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=t.precision,
+        strategy=FSDP2Strategy() if fsdp else t.strategy,
+        precision="32-true" if fsdp else t.precision,  # under FSDP the precision is FSDP2's mixed-precision policy
         max_steps=t.max_steps,
         max_epochs=-1,
         check_val_every_n_epoch=None,  # validate every val_check_interval batches, across epochs
@@ -158,7 +163,7 @@ def _build_trainer(cfg: ExperimentConfig, run_dir: Path) -> L.Trainer:
         enable_progress_bar=False,
         default_root_dir=run_dir,
         use_distributed_sampler=False,  # the data module shards by rank itself
-        plugins=[AtomicCheckpointIO()],  # write-then-rename checkpoints, loaded with weights_only=True
+        plugins=[] if fsdp else [AtomicCheckpointIO()],  # write-then-rename, loaded with weights_only=True
     )
 
 
@@ -182,9 +187,11 @@ def _final_metrics(trainer: L.Trainer, module: JetMoeLitModule, wall_time: float
     }
 
 
-def export(model: JetMoeForCausalLM, tokenizer_path: str | Path, hf_dir: Path) -> None:
-    """Write the HF-format model (config.json, model.safetensors) plus its tokenizer.json."""
-    model.save_pretrained(hf_dir)
+def export(model: JetMoeForCausalLM | None, tokenizer_path: str | Path, hf_dir: Path) -> None:
+    """Write the HF-format model (config.json, model.safetensors; skipped for None, already exported by
+    `jetmoe.distributed.save_hf` under FSDP) plus its tokenizer.json."""
+    if model is not None:
+        model.save_pretrained(hf_dir)
     shutil.copyfile(tokenizer_path, hf_dir / TOKENIZER_FILE)
 
 
