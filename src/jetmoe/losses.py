@@ -1,4 +1,5 @@
-"""Losses as pure functions: language-model cross-entropy and the router auxiliary losses.
+"""Losses as pure functions: language-model cross-entropy (from logits, or fused with the LM head so the
+logits are never materialised) and the router auxiliary losses.
 
 None of them synchronises with the host, so they can run inside a compiled graph.
 """
@@ -18,7 +19,7 @@ def causal_lm_cross_entropy(logits_BTV: torch.Tensor, labels_BT: torch.Tensor) -
 
     Computed in fp32 whatever the logits' dtype.
     """
-    shifted_BT = F.pad(labels_BT, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    shifted_BT = shift_labels(labels_BT)
     return F.cross_entropy(
         logits_BTV.float().flatten(0, 1), shifted_BT.flatten().to(logits_BTV.device), ignore_index=IGNORE_INDEX
     )
@@ -57,3 +58,80 @@ def router_z_loss(router_logits: Sequence[torch.Tensor], mask_N: torch.Tensor | 
     w_N = _token_weights(router_logits, mask_N)
     z_RN = torch.stack([torch.logsumexp(logits.float(), dim=-1) for logits in router_logits]).square()
     return (z_RN * w_N).sum() / (w_N.sum() * len(router_logits))
+
+
+def shift_labels(labels_BT: torch.Tensor) -> torch.Tensor:
+    """Targets of next-token prediction: position t predicts `labels[t + 1]`; the last position is ignored."""
+    return F.pad(labels_BT, (0, 1), value=IGNORE_INDEX)[:, 1:]
+
+
+CE_CHUNK_ELEMENTS = 2**22  # logits per chunk (16 MiB in fp32)
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Mean CE of `h_ND @ w_VD^T` against `targets_N`, chunk by chunk of rows, in fp32; the gradients are
+    computed in the same pass (the loss is a scalar) and only scaled in backward, so neither the logits nor
+    their gradient ever exist in full and the LM-head GEMM is not recomputed."""
+
+    @staticmethod
+    def forward(ctx, h_ND, w_VD, targets_N, compute_dtype, chunk_rows):
+        N, V = h_ND.shape[0], w_VD.shape[0]
+        need_dh, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        valid_N = targets_N != IGNORE_INDEX
+        scale_N = valid_N / valid_N.sum()  # mean over the counted targets (nan when none counts, like F.cross_entropy)
+        safe_targets_N = targets_N.clamp(min=0)
+        w_VD32 = w_VD.to(compute_dtype)
+        dh_ND = torch.empty_like(h_ND) if need_dh else None
+        dw_VD = torch.zeros(V, h_ND.shape[1], dtype=torch.float32, device=h_ND.device) if need_dw else None
+        logits_buf = torch.empty(min(chunk_rows, N), V, dtype=torch.float32, device=h_ND.device)
+        logp_buf = torch.empty_like(logits_buf)
+        loss = h_ND.new_zeros((), dtype=torch.float32)
+        for start in range(0, N, chunk_rows):
+            rows = slice(start, min(start + chunk_rows, N))
+            n = rows.stop - rows.start
+            h_CD = h_ND[rows].to(compute_dtype)
+            if compute_dtype == torch.float32:
+                logits_CV = torch.mm(h_CD, w_VD32.t(), out=logits_buf[:n])
+            else:
+                logits_CV = logits_buf[:n].copy_(h_CD @ w_VD32.t())
+            logp_CV = torch.log_softmax(logits_CV, dim=-1, out=logp_buf[:n])
+            target_C1 = safe_targets_N[rows, None]
+            loss = loss - (logp_CV.gather(1, target_C1).squeeze(1) * scale_N[rows]).sum()
+            if need_dh or need_dw:
+                # d loss / d logits = scale * (softmax - onehot); the scale is folded into the [C, D] operands.
+                probs_CV = logp_CV.exp_().scatter_add_(1, target_C1, torch.full_like(logp_CV[:, :1], -1.0))
+                probs_CV = probs_CV.to(compute_dtype)
+                scale_C1 = scale_N[rows, None].to(compute_dtype)
+                if need_dh:
+                    dh_ND[rows] = (probs_CV @ w_VD32).mul_(scale_C1)
+                if need_dw:
+                    dw_VD.addmm_(probs_CV.t(), h_CD * scale_C1) if compute_dtype == torch.float32 else dw_VD.add_(
+                        (probs_CV.t() @ (h_CD * scale_C1)).float()
+                    )
+        ctx.save_for_backward(dh_ND, None if dw_VD is None else dw_VD.to(w_VD.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, dloss):
+        dh_ND, dw_VD = ctx.saved_tensors
+        dh_ND = None if dh_ND is None else dh_ND * dloss.to(dh_ND.dtype)
+        dw_VD = None if dw_VD is None else dw_VD * dloss.to(dw_VD.dtype)
+        return dh_ND, dw_VD, None, None, None
+
+
+def linear_cross_entropy(
+    h_BTD: torch.Tensor, w_VD: torch.Tensor, labels_BT: torch.Tensor, chunk_rows: int | None = None
+) -> torch.Tensor:
+    """`causal_lm_cross_entropy(h_BTD @ w_VD^T, labels_BT)` without materialising the logits: the LM head runs
+    inside, chunk by chunk of tokens, and the softmax is computed in fp32 whatever the input dtype.
+
+    bf16 GEMMs run in fp32 where `jetmoe.model.ops.upcast_bf16` says so (CPUs without bf16 units)."""
+    from jetmoe.model.ops import upcast_bf16  # the model package imports this module
+
+    h_ND = h_BTD.flatten(0, 1)
+    targets_N = shift_labels(labels_BT).flatten().to(h_ND.device)
+    fp32 = h_ND.dtype == torch.float32 or upcast_bf16(h_ND.device.type, h_ND.dtype)
+    compute_dtype = torch.float32 if fp32 else h_ND.dtype
+    if chunk_rows is None:
+        chunk_rows = max(1, CE_CHUNK_ELEMENTS // w_VD.shape[0])
+    return _LinearCrossEntropy.apply(h_ND, w_VD, targets_N, compute_dtype, chunk_rows)

@@ -1,8 +1,9 @@
 """Mixture-of-Attention-heads self-attention and its key/value caches.
 
 Each token picks k attention experts; expert e owns H query heads and an output projection, while keys and
-values (H heads) are shared by all experts. With the k query groups laid out as `k·H` heads, query head
-(slot j, head h) attends with key/value head h: grouped-query attention, done by SDPA with `enable_gqa`.
+values (H heads) are shared by all experts. With the k query groups laid out as `H·k` heads, query head
+h·k + j (head h of slot j) attends with key/value head h: grouped-query attention, done by SDPA with
+`enable_gqa`. Queries, keys and values stay in `[B, T, heads, Dh]` memory and reach SDPA as transposed views.
 
 Shape letters: B batch, T query length, S key length, H key/value heads, k experts per token,
 Dh head dim, A = H·Dh, D model width.
@@ -17,6 +18,7 @@ from torch import nn
 from jetmoe.config import JetMoeConfig
 from jetmoe.model.experts import MixtureOfAttentionHeads, Routing
 from jetmoe.model.layers import apply_rotary
+from jetmoe.model.ops import linear, upcast_bf16
 
 
 class DynamicKVCache:
@@ -68,6 +70,18 @@ class StaticKVCache:
 KVCache = DynamicKVCache | StaticKVCache
 
 
+def _sdpa(q_BQTD, k_BHTD, v_BHTD, mask, dropout: float, is_causal: bool) -> torch.Tensor:
+    """SDPA with grouped-query heads (query head i uses key/value head i // (Q / H)); `is_causal` without a mask
+    lets the CPU pick its flash kernel. bf16 runs in fp32 where the bf16 policy says so (`ops.upcast_bf16`)."""
+    dtype = q_BQTD.dtype
+    if upcast_bf16(q_BQTD.device.type, dtype):
+        q_BQTD, k_BHTD, v_BHTD = q_BQTD.float(), k_BHTD.float(), v_BHTD.float()
+    o_BQTD = F.scaled_dot_product_attention(
+        q_BQTD, k_BHTD, v_BHTD, attn_mask=mask, dropout_p=dropout, is_causal=is_causal, enable_gqa=True
+    )
+    return o_BQTD.to(dtype)
+
+
 class JetMoeAttention(nn.Module):
     """MoA self-attention (HF: JetMoeAttention; module names kept for checkpoint compatibility)."""
 
@@ -90,30 +104,26 @@ class JetMoeAttention(nn.Module):
         output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None, Routing]:
         B, T, _ = x_BTD.shape
-        H, k, Dh = self.num_heads, self.top_k, self.head_dim
-        q_BTkA, routing = self.experts.map(x_BTD)
-        # Query head (h, slot j) sits at index h·k + j, so that GQA pairs it with key/value head h.
-        q_BQTD = q_BTkA.view(B, T, k, H, Dh).permute(0, 3, 2, 1, 4).reshape(B, H * k, T, Dh)
-        k_BTA, v_BTA = self.kv_proj(x_BTD).chunk(2, dim=-1)
-        k_BHTD = k_BTA.view(B, T, H, Dh).transpose(1, 2)
-        v_BHTD = v_BTA.view(B, T, H, Dh).transpose(1, 2)
+        H, Dh = self.num_heads, self.head_dim
+        # Queries come as [B, T, H·k, Dh], query head h·k + j (slot j) next to the others of key/value head h.
+        q_BTQD, state = self.experts.map(x_BTD)
+        kv_BT2HD = linear(x_BTD, self.kv_proj.weight).view(B, T, 2, H, Dh)
 
-        cos_BTD, sin_BTD = rope
-        q_BQTD, k_BHTD = apply_rotary(q_BQTD, cos_BTD, sin_BTD), apply_rotary(k_BHTD, cos_BTD, sin_BTD)
+        cos_BT1D, sin_BT1D = (t.unsqueeze(2) for t in rope)
+        q_BTQD = apply_rotary(q_BTQD, cos_BT1D, sin_BT1D)
+        k_BHTD = apply_rotary(kv_BT2HD[:, :, 0], cos_BT1D, sin_BT1D).transpose(1, 2)
+        v_BHTD = kv_BT2HD[:, :, 1].transpose(1, 2)
         if cache is not None:
             k_BHTD, v_BHTD = cache.update(self.layer_idx, k_BHTD, v_BHTD, cache_position_T)
 
+        q_BQTD = q_BTQD.transpose(1, 2)  # a view: SDPA takes strided inputs
         dropout = self.dropout if self.training else 0.0
         weights = None
         if output_attentions:
             o_BQTD, weights = self._eager_attention(q_BQTD, k_BHTD, v_BHTD, mask, dropout)
         else:
-            o_BQTD = F.scaled_dot_product_attention(
-                q_BQTD, k_BHTD, v_BHTD, attn_mask=mask, dropout_p=dropout, is_causal=mask is None and T > 1,
-                enable_gqa=True,
-            )
-        o_BTkA = o_BQTD.view(B, H, k, T, Dh).permute(0, 3, 2, 1, 4).reshape(B, T, k, H * Dh)
-        return self.experts.reduce(o_BTkA, routing), weights, routing
+            o_BQTD = _sdpa(q_BQTD, k_BHTD, v_BHTD, mask, dropout, is_causal=mask is None and T > 1)
+        return self.experts.reduce(o_BQTD.transpose(1, 2), state), weights, state[0]
 
     def _eager_attention(self, q_BQTD, k_BHTD, v_BHTD, mask, dropout):
         """Explicit softmax attention; returns weights `[B, k·H, T, S]` in transformers' head order (slot-major)."""

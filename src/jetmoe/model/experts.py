@@ -2,11 +2,14 @@
 heads (MoA, its query/output projections; the attention itself is in attention.py).
 
 Dispatch is sync-free: the N·k (token, slot) rows are sorted by expert and every expert's slice is multiplied
-in one grouped GEMM (`torch._grouped_mm`). The reference `loop` implementation runs one GEMM per expert,
-like transformers does; both are tested against each other.
+in one grouped GEMM (`torch._grouped_mm`). Moving rows between token order and expert order only uses
+permutation gathers whose backward is a gather too (`ops.gather_rows`, `ops.dispatch_tokens`), and the k
+expert outputs of a token are mixed by a batched [1 x k] @ [k x D] product with the gates. The reference `loop`
+implementation runs one GEMM per expert and the index_add / index_copy formulation of transformers; both are
+tested against each other.
 
 Shape letters: N tokens, k experts per token, M = N·k routed rows, E experts, D model width,
-I/O an expert's input/output width.
+I/O an expert's input/output width, H key/value heads, Dh head dim, A = H·Dh.
 """
 
 from __future__ import annotations
@@ -19,6 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from jetmoe.config import JetMoeConfig
+from jetmoe.model.ops import dispatch_tokens, gather_rows, glu, grouped_mm, grouped_mm_supported, mix
+
+__all__ = [
+    "ACT_FNS", "MixtureOfAttentionHeads", "MixtureOfExperts", "ParallelExperts", "Routing", "TopKRouter",
+    "combine", "expert_linear", "grouped_mm", "grouped_mm_supported", "resolve_expert_impl",
+]
 
 ACT_FNS = {
     "silu": F.silu,
@@ -28,26 +37,6 @@ ACT_FNS = {
 }
 
 
-_GROUPED_MM_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
-
-
-@torch._dynamo.assume_constant_result  # a Python constant while tracing: no graph break
-def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
-    """Whether `torch._grouped_mm` runs (forward and backward) for this device type and dtype; probed once."""
-    key = (device_type, dtype)
-    if key not in _GROUPED_MM_SUPPORT:
-        try:
-            x = torch.randn(32, 16, device=device_type, dtype=dtype, requires_grad=True)
-            w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
-            offsets = torch.tensor([16, 32], device=device_type, dtype=torch.int32)
-            y = torch._grouped_mm(x, w, offs=offsets)
-            y.backward(torch.ones_like(y))
-            _GROUPED_MM_SUPPORT[key] = True
-        except (AttributeError, RuntimeError, NotImplementedError):
-            _GROUPED_MM_SUPPORT[key] = False
-    return _GROUPED_MM_SUPPORT[key]
-
-
 def resolve_expert_impl(impl: str, device: torch.device, dtype: torch.dtype, widths: tuple[int, ...] = ()) -> str:
     """`auto` picks the grouped GEMM where the device runs it for this dtype and every matrix row is a multiple
     of 16 bytes (its alignment rule), else the loop reference."""
@@ -55,44 +44,6 @@ def resolve_expert_impl(impl: str, device: torch.device, dtype: torch.dtype, wid
         aligned = all(width * dtype.itemsize % 16 == 0 for width in widths)
         return "grouped" if aligned and grouped_mm_supported(device.type, dtype) else "loop"
     return impl
-
-
-@torch.library.custom_op("jetmoe::grouped_mm", mutates_args=())
-def grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """Rows `offsets[e-1]:offsets[e]` of `x_MI` times `w_EIO[e]`: `torch._grouped_mm` as an opaque op, so it
-    compiles for every dtype the device runs (its built-in fake kernel only admits bf16)."""
-    return torch._grouped_mm(x_MI, w_EIO, offs=offsets_E)
-
-
-@torch.library.custom_op("jetmoe::grouped_mm_weight_grad", mutates_args=())
-def grouped_mm_weight_grad(x_MI: torch.Tensor, dy_MO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """Per-expert `x_e^T @ dy_e`: the `[E, I, O]` weight gradient of `grouped_mm`."""
-    return torch._grouped_mm(x_MI.t(), dy_MO, offs=offsets_E)
-
-
-@grouped_mm.register_fake
-def _(x_MI, w_EIO, offsets_E):
-    return x_MI.new_empty(x_MI.shape[0], w_EIO.shape[-1])
-
-
-@grouped_mm_weight_grad.register_fake
-def _(x_MI, dy_MO, offsets_E):
-    return x_MI.new_empty(offsets_E.shape[0], x_MI.shape[1], dy_MO.shape[1])
-
-
-def _grouped_mm_setup_context(ctx, inputs, output):
-    ctx.save_for_backward(*inputs)
-
-
-def _grouped_mm_backward(ctx, dy_MO):
-    x_MI, w_EIO, offsets_E = ctx.saved_tensors
-    dy_MO = dy_MO.contiguous()
-    dx_MI = grouped_mm(dy_MO, w_EIO.transpose(-2, -1), offsets_E)
-    dw_EIO = grouped_mm_weight_grad(x_MI, dy_MO, offsets_E)
-    return dx_MI, dw_EIO, None
-
-
-grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup_context)
 
 
 def expert_linear(
@@ -106,16 +57,47 @@ def expert_linear(
     return torch.cat([F.linear(chunk_I, w_EOI[e]) for e, chunk_I in enumerate(chunks)])
 
 
+# Compiled decoding of at most this many routed rows (tokens · k) skips the sort and the grouped GEMM: each row
+# is multiplied by its expert's weight read in place (see `ParallelExperts.per_slot`).
+SMALL_BATCH_ROWS = 4
+
+
+def small_batch(num_tokens: int, top_k: int) -> bool:
+    return torch.compiler.is_compiling() and num_tokens * top_k <= SMALL_BATCH_ROWS
+
+
 @dataclass
 class Routing:
-    """Top-k routing of N tokens, with the N·k routed rows sorted by expert."""
+    """Top-k routing of N tokens, with the N·k routed rows sorted by expert.
+
+    Slot `n·k + j` is token n's j-th choice; `slot_M` and `rank_M` are inverse permutations between slots and
+    sorted rows. The sorted fields are None when the router was asked not to sort (small-batch decoding)."""
 
     logits_NE: torch.Tensor  # fp32 router logits
-    gates_M: torch.Tensor  # gate of each sorted row (softmax over the token's top-k logits)
-    slot_M: torch.Tensor  # flat (token * k + slot) index of each sorted row
-    token_M: torch.Tensor  # token index of each sorted row
-    counts_E: torch.Tensor  # rows per expert
-    offsets_E: torch.Tensor  # int32 cumulative counts (end of each expert's rows)
+    experts_Nk: torch.Tensor  # chosen experts, in slot order
+    gates_Nk: torch.Tensor  # softmax over each token's top-k logits, in slot order
+    slot_M: torch.Tensor | None = None  # slot of each sorted row
+    rank_M: torch.Tensor | None = None  # sorted row of each slot
+    counts_E: torch.Tensor | None = None  # rows per expert
+    offsets_E: torch.Tensor | None = None  # int32 cumulative counts (end of each expert's rows)
+
+    @property
+    def top_k(self) -> int:
+        return self.gates_Nk.shape[-1]
+
+    @property
+    def rank_Nk(self) -> torch.Tensor:
+        return self.rank_M.view(-1, self.top_k)
+
+    @property
+    def token_M(self) -> torch.Tensor:
+        """Token of each sorted row."""
+        return torch.div(self.slot_M, self.top_k, rounding_mode="floor")
+
+    @property
+    def gates_M(self) -> torch.Tensor:
+        """Gate of each sorted row."""
+        return self.gates_Nk.flatten()[self.slot_M]
 
 
 class TopKRouter(nn.Module):
@@ -126,21 +108,21 @@ class TopKRouter(nn.Module):
         self.num_experts, self.top_k = num_experts, top_k
         self.layer = nn.Linear(hidden_size, num_experts, bias=False)  # HF key: router.layer.weight
 
-    def forward(self, x_ND: torch.Tensor) -> Routing:
+    def forward(self, x_ND: torch.Tensor, sort: bool = True) -> Routing:
         logits_NE = F.linear(x_ND.float(), self.layer.weight.float())
         topk_logits_Nk, experts_Nk = logits_NE.topk(self.top_k, dim=-1)
         gates_Nk = topk_logits_Nk.softmax(dim=-1).to(x_ND.dtype)
+        if not sort:
+            return Routing(logits_NE=logits_NE, experts_Nk=experts_Nk, gates_Nk=gates_Nk)
         experts_M = experts_Nk.flatten()
         slot_M = experts_M.argsort(stable=True)
+        rows_M = torch.arange(slot_M.shape[0], device=slot_M.device)
+        rank_M = torch.empty_like(slot_M).scatter_(0, slot_M, rows_M)
         counts_E = torch.zeros(self.num_experts, dtype=torch.int64, device=x_ND.device)
         counts_E = counts_E.scatter_add_(0, experts_M, torch.ones_like(experts_M))
         return Routing(
-            logits_NE=logits_NE,
-            gates_M=gates_Nk.flatten()[slot_M],
-            slot_M=slot_M,
-            token_M=torch.div(slot_M, self.top_k, rounding_mode="floor"),
-            counts_E=counts_E,
-            offsets_E=counts_E.cumsum(0).to(torch.int32),
+            logits_NE=logits_NE, experts_Nk=experts_Nk, gates_Nk=gates_Nk, slot_M=slot_M, rank_M=rank_M,
+            counts_E=counts_E, offsets_E=counts_E.cumsum(0).to(torch.int32),
         )
 
 
@@ -157,16 +139,31 @@ class ParallelExperts(nn.Module):
         nn.init.normal_(self.weight, mean=0.0, std=self.init_std)
 
     def forward(self, x_MI: torch.Tensor, routing: Routing, impl: str) -> torch.Tensor:
-        impl = resolve_expert_impl(impl, x_MI.device, x_MI.dtype, tuple(self.weight.shape[1:]))
         return expert_linear(x_MI, self.weight, routing.counts_E, routing.offsets_E, impl)
+
+    def per_slot(self, x_NkI: torch.Tensor, experts_Nk: torch.Tensor) -> torch.Tensor:
+        """`y[n, j] = W[experts[n, j]] @ x[n, j]` (x may broadcast over j). Written as a gathered multiply-sum
+        that the compiler fuses into one kernel reading each chosen expert's weight once, with no copy."""
+        return (self.weight[experts_Nk] * x_NkI.unsqueeze(-2)).sum(-1)
+
+
+def _module_impl(module: nn.Module, x: torch.Tensor) -> str:
+    """The expert implementation of an MoE / MoA layer: one choice for both of its expert weights."""
+    widths = (*module.input_linear.weight.shape[1:], *module.output_linear.weight.shape[1:])
+    return resolve_expert_impl(module.expert_impl, x.device, x.dtype, widths)
 
 
 def combine(y_MD: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:
-    """Gate-weighted sum of each token's k expert outputs: `[M, D]` sorted rows -> `[N, D]`."""
+    """Reference: gate-weighted sum of each token's k expert outputs, `[M, D]` sorted rows -> `[N, D]`."""
     y_MD = y_MD * routing.gates_M[:, None]
     return torch.zeros(num_tokens, y_MD.shape[-1], dtype=y_MD.dtype, device=y_MD.device).index_add(
         0, routing.token_M, y_MD
     )
+
+
+def mix_experts(y_MD: torch.Tensor, routing: Routing, bias_D: torch.Tensor) -> torch.Tensor:
+    """Fast `combine(...) + bias` (`ops.mix`): `[M, D]` sorted rows -> `[N, D]`."""
+    return mix(y_MD, routing.gates_Nk, bias_D, routing.rank_Nk, routing.token_M, routing.slot_M)
 
 
 class MixtureOfExperts(nn.Module):
@@ -190,25 +187,49 @@ class MixtureOfExperts(nn.Module):
     def forward(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         B, T, D = x_BTD.shape
         x_ND = x_BTD.reshape(-1, D)
+        if small_batch(B * T, self.router.top_k):
+            routing = self.router(x_ND, sort=False)
+            h_Nk2F = self.input_linear.per_slot(x_ND.unsqueeze(1), routing.experts_Nk)
+            gate_NkF, up_NkF = h_Nk2F.chunk(2, dim=-1)
+            y_NkD = self.output_linear.per_slot(self.activation(gate_NkF) * up_NkF, routing.experts_Nk)
+            out_ND = (routing.gates_Nk.unsqueeze(1) @ y_NkD).squeeze(1) + self.bias
+            return out_ND.view(B, T, D), routing.logits_NE
         routing = self.router(x_ND)
-        h_M2F = self.input_linear(x_ND[routing.token_M], routing, self.expert_impl)
-        gate_MF, up_MF = h_M2F.chunk(2, dim=-1)
-        y_MD = self.output_linear(self.activation(gate_MF) * up_MF, routing, self.expert_impl)
-        out_ND = combine(y_MD, routing, B * T) + self.bias
+        impl = _module_impl(self, x_ND)
+        if impl == "loop":  # reference
+            h_M2F = self.input_linear(x_ND[routing.token_M], routing, impl)
+            gate_MF, up_MF = h_M2F.chunk(2, dim=-1)
+            y_MD = self.output_linear(self.activation(gate_MF) * up_MF, routing, impl)
+            out_ND = combine(y_MD, routing, B * T) + self.bias
+        else:
+            h_M2F = self.input_linear(dispatch_tokens(x_ND, routing.token_M, routing.rank_Nk), routing, impl)
+            y_MD = self.output_linear(glu(h_M2F, self.activation), routing, impl)
+            out_ND = mix_experts(y_MD, routing, self.bias)
         return out_ND.view(B, T, D), routing.logits_NE
+
+
+@dataclass
+class HeadOrder:
+    """Index pair moving query rows between expert order (`[M·H, Dh]`: sorted row, head) and attention order
+    (`[N·H·k, Dh]`: token, head h, slot j), where query head h·k + j attends with key/value head h."""
+
+    to_heads: torch.Tensor  # attention-order position -> expert-order row
+    to_experts: torch.Tensor  # expert-order row -> attention-order position
 
 
 class MixtureOfAttentionHeads(nn.Module):
     """Per-expert query and output projections of MoA (HF: JetMoeMoA).
 
-    `map` turns each token into k query groups (one per selected expert); `reduce` projects the k attention
-    outputs back with the same experts and mixes them with the gates.
+    `map` turns each token into k query groups of H heads (one group per selected expert), laid out
+    `[B, T, H·k, Dh]` with query head h·k + j = (head h, slot j); `reduce` projects the k attention outputs
+    (same layout) back with the same experts and mixes them with the gates.
     """
 
     def __init__(self, config: JetMoeConfig) -> None:
         super().__init__()
         D, E = config.hidden_size, config.num_local_experts
-        A = config.num_key_value_heads * config.kv_channels  # width of one expert's heads
+        self.num_heads, self.head_dim = config.num_key_value_heads, config.kv_channels
+        A = self.num_heads * self.head_dim  # width of one expert's heads
         std = config.initializer_range
         self.top_k, self.expert_impl = config.num_experts_per_tok, config.expert_impl
         self.input_linear = ParallelExperts(E, D, A, std)  # [E, A, D]: queries
@@ -220,17 +241,52 @@ class MixtureOfAttentionHeads(nn.Module):
     def reset_parameters(self) -> None:
         nn.init.zeros_(self.bias)
 
-    def map(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, Routing]:
-        B, T, D = x_BTD.shape
-        x_ND = x_BTD.reshape(-1, D)
-        routing = self.router(x_ND)
-        q_MA = self.input_linear(x_ND[routing.token_M], routing, self.expert_impl)
-        # Unsort: row (token, slot) goes back to position token * k + slot.
-        q_MA = torch.zeros_like(q_MA).index_copy(0, routing.slot_M, q_MA)
-        return q_MA.view(B, T, self.top_k, -1), routing
+    def _head_order(self, routing: Routing) -> HeadOrder:
+        H, k = self.num_heads, self.top_k
+        heads_H = torch.arange(H, device=routing.rank_M.device)
+        # Attention position (n, h, j) holds row rank[n·k + j], head h.
+        to_heads_NHk = routing.rank_M.view(-1, 1, k) * H + heads_H.view(1, H, 1)
+        # Sorted row i (slot s = n·k + j), head h sits at attention position (n·H + h)·k + j.
+        slot_M = routing.slot_M
+        to_experts_MH = (slot_M - slot_M % k).view(-1, 1) * H + heads_H.view(1, H) * k + (slot_M % k).view(-1, 1)
+        return HeadOrder(to_heads_NHk.flatten(), to_experts_MH.flatten())
 
-    def reduce(self, o_BTkA: torch.Tensor, routing: Routing) -> torch.Tensor:
-        B, T, k, A = o_BTkA.shape
-        o_MA = o_BTkA.reshape(-1, A)[routing.slot_M]
-        y_MD = self.output_linear(o_MA, routing, self.expert_impl)
-        return (combine(y_MD, routing, B * T) + self.bias).view(B, T, -1)
+    def map(self, x_BTD: torch.Tensor) -> tuple[torch.Tensor, tuple[Routing, HeadOrder | None]]:
+        """Queries `[B, T, H·k, Dh]` and the routing state `reduce` needs."""
+        B, T, D = x_BTD.shape
+        H, k, Dh = self.num_heads, self.top_k, self.head_dim
+        x_ND = x_BTD.reshape(-1, D)
+        if small_batch(B * T, k):
+            routing = self.router(x_ND, sort=False)
+            q_NkA = self.input_linear.per_slot(x_ND.unsqueeze(1), routing.experts_Nk)
+            q_BTQD = q_NkA.view(B, T, k, H, Dh).transpose(2, 3).reshape(B, T, H * k, Dh)
+            return q_BTQD, (routing, None)
+        routing = self.router(x_ND)
+        impl = _module_impl(self, x_ND)
+        if impl == "loop":  # reference: unsort to (token, slot) order, then put slots inside heads
+            q_MA = self.input_linear(x_ND[routing.token_M], routing, impl)
+            q_MA = torch.zeros_like(q_MA).index_copy(0, routing.slot_M, q_MA)
+            q_BTQD = q_MA.view(B, T, k, H, Dh).transpose(2, 3).reshape(B, T, H * k, Dh)
+            return q_BTQD, (routing, None)
+        order = self._head_order(routing)
+        q_MA = self.input_linear(dispatch_tokens(x_ND, routing.token_M, routing.rank_Nk), routing, impl)
+        q_BTQD = gather_rows(q_MA.view(-1, Dh), order.to_heads, order.to_experts).view(B, T, H * k, Dh)
+        return q_BTQD, (routing, order)
+
+    def reduce(self, o_BTQD: torch.Tensor, state: tuple[Routing, HeadOrder | None]) -> torch.Tensor:
+        """Attention outputs `[B, T, H·k, Dh]` -> `[B, T, D]`."""
+        routing, order = state
+        B, T, Q, Dh = o_BTQD.shape
+        A = self.num_heads * Dh
+        if routing.slot_M is None:  # small batch (see `map`)
+            o_NkA = o_BTQD.reshape(B * T, self.num_heads, self.top_k, Dh).transpose(1, 2).reshape(B * T, -1, A)
+            y_NkD = self.output_linear.per_slot(o_NkA, routing.experts_Nk)
+            return ((routing.gates_Nk.unsqueeze(1) @ y_NkD).squeeze(1) + self.bias).view(B, T, -1)
+        impl = _module_impl(self, o_BTQD)
+        if impl == "loop":  # reference
+            o_MA = o_BTQD.reshape(B, T, self.num_heads, self.top_k, Dh).transpose(2, 3).reshape(-1, A)[routing.slot_M]
+            y_MD = self.output_linear(o_MA, routing, impl)
+            return (combine(y_MD, routing, B * T) + self.bias).view(B, T, -1)
+        o_MA = gather_rows(o_BTQD.reshape(-1, Dh), order.to_experts, order.to_heads).view(-1, A)
+        y_MD = self.output_linear(o_MA, routing, impl)
+        return mix_experts(y_MD, routing, self.bias).view(B, T, -1)

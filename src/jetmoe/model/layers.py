@@ -5,6 +5,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from jetmoe.model.ops import rotary
+
 
 class RMSNorm(nn.Module):
     """Root-mean-square norm, computed in fp32 and cast back (as transformers' JetMoeRMSNorm)."""
@@ -40,14 +42,10 @@ class RotaryEmbedding(nn.Module):
         return emb_BTD.cos().to(dtype), emb_BTD.sin().to(dtype)
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
-def apply_rotary(x_BHTD: torch.Tensor, cos_BTD: torch.Tensor, sin_BTD: torch.Tensor) -> torch.Tensor:
-    cos_B1TD, sin_B1TD = cos_BTD.unsqueeze(1), sin_BTD.unsqueeze(1)
-    return x_BHTD * cos_B1TD + _rotate_half(x_BHTD) * sin_B1TD
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """`x * cos + rotate_half(x) * sin` with `rotate_half(x) = (-x2, x1)`; `cos`/`sin` broadcast against `x`
+    (e.g. `[B, T, 1, Dh]` for `x` of shape `[B, T, heads, Dh]`)."""
+    return rotary(x, cos, sin)
 
 
 def packed_causal_mask(position_ids_BT: torch.Tensor) -> torch.Tensor:

@@ -19,10 +19,11 @@ from torch.utils.checkpoint import checkpoint
 
 from jetmoe import hf_io
 from jetmoe.config import JetMoeConfig
-from jetmoe.losses import causal_lm_cross_entropy, load_balancing_loss, router_z_loss
+from jetmoe.losses import causal_lm_cross_entropy, linear_cross_entropy, load_balancing_loss, router_z_loss
 from jetmoe.model.attention import DynamicKVCache, JetMoeAttention, KVCache, StaticKVCache
 from jetmoe.model.experts import MixtureOfExperts
 from jetmoe.model.layers import RMSNorm, RotaryEmbedding, causal_padding_mask
+from jetmoe.model.ops import linear
 
 
 class ModelOutput:
@@ -312,7 +313,11 @@ class JetMoeForCausalLM(JetMoePreTrainedModel):
         cache_position: torch.Tensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         cache: KVCache | None = None,
+        skip_logits: bool = False,
     ) -> MoeCausalLMOutputWithPast:
+        """transformers' arguments, plus `skip_logits`: return no logits (`out.logits` is None) and, with `labels`,
+        compute the CE fused with the LM head chunk by chunk (`losses.linear_cross_entropy`), so the `[B, T, V]`
+        logits and their gradient are never materialised. Same loss; what training wants."""
         if output_router_logits is None:
             output_router_logits = self.config.output_router_logits
         out = self.model(
@@ -326,7 +331,7 @@ class JetMoeForCausalLM(JetMoePreTrainedModel):
             h_BTD = h_BTD[:, -logits_to_keep:] if logits_to_keep else h_BTD
         else:
             h_BTD = h_BTD[:, logits_to_keep]
-        logits_BTV = self.lm_head(h_BTD)
+        logits_BTV = None if skip_logits else linear(h_BTD, self.lm_head.weight)
 
         aux_loss = z_loss = None
         if self.training or output_router_logits:
@@ -339,7 +344,10 @@ class JetMoeForCausalLM(JetMoePreTrainedModel):
 
         loss = ce_loss = None
         if labels is not None:
-            ce_loss = causal_lm_cross_entropy(logits_BTV, labels)
+            if logits_BTV is None:
+                ce_loss = linear_cross_entropy(h_BTD, self.lm_head.weight, labels)
+            else:
+                ce_loss = causal_lm_cross_entropy(logits_BTV, labels)
             loss = ce_loss
             if aux_loss is not None:
                 loss = loss + self.config.aux_loss_coef * aux_loss + self.config.router_z_loss_coef * z_loss

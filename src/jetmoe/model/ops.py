@@ -1,0 +1,276 @@
+"""Low-level ops of the model, each with a hand-written backward where autograd's default costs extra passes over
+memory: row permutations (gathers whose backward is another gather, never an accumulating scatter), the GLU,
+rotary embeddings, and the grouped expert GEMM. Plus the bf16 matmul policy for CPUs without bf16 units.
+
+Shape letters: N tokens, k experts per token, M = N·k routed rows, E experts, D model width,
+I/O a matrix's input/output width.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+# ----------------------------------------------------------------------------- bf16 on CPUs without bf16 units
+
+
+@functools.cache
+def cpu_has_bf16_units() -> bool:
+    """Whether this CPU multiplies bf16 natively (AVX512-BF16 or AMX); unknown platforms are trusted to."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return True
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+@torch._dynamo.assume_constant_result  # a Python constant while tracing: no graph break
+def upcast_bf16(device_type: str, dtype: torch.dtype) -> bool:
+    """Run bf16 matmuls and attention in fp32 (inputs upcast, outputs rounded back to bf16)?
+
+    Yes on a CPU without bf16 units: there oneDNN emulates bf16 GEMMs at about a third of the fp32 speed, while
+    the upcast is one pass over the inputs. The result is a bf16 GEMM with fp32 accumulation, as on a GPU."""
+    return device_type == "cpu" and dtype == torch.bfloat16 and not cpu_has_bf16_units()
+
+
+class _UpcastLinear(torch.autograd.Function):
+    """`x @ w^T` for bf16 tensors computed in fp32; saves the bf16 inputs (no fp32 copies kept for backward)."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.save_for_backward(x, w)
+        return F.linear(x.float(), w.float()).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w = ctx.saved_tensors
+        dy32 = dy.float()
+        dx = dy32 @ w.float() if ctx.needs_input_grad[0] else None
+        dw = dy32.flatten(0, -2).t() @ x.float().flatten(0, -2) if ctx.needs_input_grad[1] else None
+        return (None if dx is None else dx.to(x.dtype)), (None if dw is None else dw.to(w.dtype))
+
+
+def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`F.linear` without bias, following the bf16 policy of `upcast_bf16`."""
+    if upcast_bf16(x.device.type, x.dtype):
+        return _UpcastLinear.apply(x, w)
+    return F.linear(x, w)
+
+
+# ----------------------------------------------------------------------------- grouped GEMM
+
+_GROUPED_MM_SUPPORT: dict[tuple[str, torch.dtype], bool] = {}
+UPCAST_MIN_ROWS = 256  # below this (decoding), converting all expert weights to fp32 would cost more than it saves
+
+
+@torch._dynamo.assume_constant_result
+def grouped_mm_supported(device_type: str, dtype: torch.dtype) -> bool:
+    """Whether `torch._grouped_mm` runs the two forms the experts use (`x @ w_e` and the per-expert weight
+    gradient `dy_e^T @ x_e`) for this device type and dtype; probed once, without autograd (so a first call
+    inside an activation-checkpointed block saves no tensors)."""
+    key = (device_type, dtype)
+    if key not in _GROUPED_MM_SUPPORT:
+        try:
+            with torch.no_grad():
+                x = torch.randn(32, 16, device=device_type, dtype=dtype)
+                w = torch.randn(2, 16, 16, device=device_type, dtype=dtype)
+                offsets = torch.tensor([16, 32], device=device_type, dtype=torch.int32)
+                torch._grouped_mm(x, w, offs=offsets)
+                torch._grouped_mm(x.t(), x, offs=offsets)
+            _GROUPED_MM_SUPPORT[key] = True
+        except (AttributeError, RuntimeError, NotImplementedError):
+            _GROUPED_MM_SUPPORT[key] = False
+    return _GROUPED_MM_SUPPORT[key]
+
+
+def _maybe_upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    x = tensors[0]
+    if x.shape[0] >= UPCAST_MIN_ROWS and upcast_bf16(x.device.type, x.dtype):
+        return tuple(t.float() for t in tensors)
+    return tensors
+
+
+@torch.library.custom_op("jetmoe::grouped_mm", mutates_args=())
+def grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Rows `offsets[e-1]:offsets[e]` of `x_MI` times `w_EIO[e]`: `torch._grouped_mm` as an opaque op, so it
+    compiles for every dtype the device runs (its built-in fake kernel only admits bf16)."""
+    dtype = x_MI.dtype
+    x_MI, w_EIO = _maybe_upcast(x_MI, w_EIO)
+    return torch._grouped_mm(x_MI, w_EIO, offs=offsets_E).to(dtype)
+
+
+@torch.library.custom_op("jetmoe::grouped_mm_weight_grad", mutates_args=())
+def grouped_mm_weight_grad(dy_MO: torch.Tensor, x_MI: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Per-expert `dy_e^T @ x_e`: the `[E, O, I]` gradient of the `[E, O, I]` weight whose transpose
+    `grouped_mm` multiplies by (the parameter's own layout, so autograd stores it without a copy)."""
+    dtype = dy_MO.dtype
+    dy_MO, x_MI = _maybe_upcast(dy_MO, x_MI)
+    return torch._grouped_mm(dy_MO.t(), x_MI, offs=offsets_E).to(dtype)
+
+
+@grouped_mm.register_fake
+def _(x_MI, w_EIO, offsets_E):
+    return x_MI.new_empty(x_MI.shape[0], w_EIO.shape[-1])
+
+
+@grouped_mm_weight_grad.register_fake
+def _(dy_MO, x_MI, offsets_E):
+    return x_MI.new_empty(offsets_E.shape[0], dy_MO.shape[1], x_MI.shape[1])
+
+
+def _grouped_mm_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_backward(ctx, dy_MO):
+    x_MI, w_EIO, offsets_E = ctx.saved_tensors
+    dy_MO = dy_MO.contiguous()
+    dx_MI = grouped_mm(dy_MO, w_EIO.transpose(-2, -1), offsets_E) if ctx.needs_input_grad[0] else None
+    dw_EIO = None
+    if ctx.needs_input_grad[1]:
+        dw_EIO = grouped_mm_weight_grad(dy_MO, x_MI, offsets_E).transpose(-2, -1)
+    return dx_MI, dw_EIO, None
+
+
+grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup_context)
+
+
+# ----------------------------------------------------------------------------- row permutations
+
+
+class _GatherRows(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, index, inverse):
+        ctx.save_for_backward(inverse)
+        return x.index_select(0, index)
+
+    @staticmethod
+    def backward(ctx, dy):
+        (inverse,) = ctx.saved_tensors
+        return dy.index_select(0, inverse), None, None
+
+
+def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """`x[index]` for a permutation `index` of the rows; `inverse` is its inverse permutation, so the backward is
+    a gather too (no accumulating scatter)."""
+    return _GatherRows.apply(x, index, inverse)
+
+
+class _DispatchTokens(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_ND, token_M, rank_Nk):
+        ctx.save_for_backward(rank_Nk)
+        return x_ND.index_select(0, token_M)
+
+    @staticmethod
+    def backward(ctx, dy_MD):
+        (rank_Nk,) = ctx.saved_tensors
+        return F.embedding_bag(rank_Nk, dy_MD, mode="sum"), None, None
+
+
+def dispatch_tokens(x_ND: torch.Tensor, token_M: torch.Tensor, rank_Nk: torch.Tensor) -> torch.Tensor:
+    """`x_ND[token_M]`: every token copied to its k routed rows (sorted by expert). `rank_Nk[n, j]` is the row of
+    token n's j-th copy, so the backward sums each token's k gradient rows in one gather-and-sum pass
+    (`embedding_bag`), with no scatter-add."""
+    return _DispatchTokens.apply(x_ND, token_M, rank_Nk)
+
+
+class _Mix(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_MD, gates_Nk, bias_D, rank_Nk, token_M, slot_M):
+        ctx.save_for_backward(y_MD, gates_Nk, rank_Nk, token_M, slot_M)
+        out_ND = F.embedding_bag(rank_Nk, y_MD, per_sample_weights=gates_Nk, mode="sum")
+        return out_ND.add_(bias_D)
+
+    @staticmethod
+    def backward(ctx, dout_ND):
+        y_MD, gates_Nk, rank_Nk, token_M, slot_M = ctx.saved_tensors
+        dout_MD = dout_ND.index_select(0, token_M)  # each row's token gradient
+        dgates_Nk = None
+        if ctx.needs_input_grad[1]:
+            dgate_M = torch.linalg.vecdot(y_MD, dout_MD)
+            dgates_Nk = dgate_M.index_select(0, rank_Nk.flatten()).view_as(gates_Nk)
+        dbias_D = dout_ND.sum(0) if ctx.needs_input_grad[2] else None
+        dy_MD = dout_MD.mul_(gates_Nk.flatten().index_select(0, slot_M).unsqueeze(1))
+        return dy_MD, dgates_Nk, dbias_D, None, None, None
+
+
+def mix(
+    y_MD: torch.Tensor, gates_Nk: torch.Tensor, bias_D: torch.Tensor, rank_Nk: torch.Tensor, token_M: torch.Tensor,
+    slot_M: torch.Tensor,
+) -> torch.Tensor:
+    """`bias + Σ_j gates[n, j] · y[rank[n, j]]`: each token's k expert rows mixed by its gates in one gather,
+    scale and sum pass (`embedding_bag` with per-sample weights), without a `[M, D]` temporary."""
+    return _Mix.apply(y_MD, gates_Nk, bias_D, rank_Nk, token_M, slot_M)
+
+
+# ----------------------------------------------------------------------------- GLU
+
+
+class _SiluGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_M2F):
+        ctx.save_for_backward(h_M2F)
+        gate_MF, up_MF = h_M2F.chunk(2, dim=-1)
+        return F.silu(gate_MF).mul_(up_MF)  # one allocation: the output
+
+    @staticmethod
+    def backward(ctx, da_MF):
+        (h_M2F,) = ctx.saved_tensors
+        gate_MF, up_MF = h_M2F.chunk(2, dim=-1)
+        if torch.compiler.is_compiling():  # the compiler fuses this itself (and takes no strided `out=`)
+            dgate_MF = torch.ops.aten.silu_backward(da_MF * up_MF, gate_MF)
+            return torch.cat([dgate_MF, F.silu(gate_MF) * da_MF], dim=-1)
+        # Both halves are computed in place in the one output tensor: no temporaries.
+        dh_M2F = torch.empty_like(h_M2F)
+        dgate_MF, dup_MF = dh_M2F.chunk(2, dim=-1)
+        torch.ops.aten.silu.out(gate_MF, out=dup_MF).mul_(da_MF)
+        torch.mul(da_MF, up_MF, out=dgate_MF)
+        torch.ops.aten.silu_backward.grad_input(dgate_MF, gate_MF, grad_input=dgate_MF)
+        return dh_M2F
+
+
+def glu(h_M2F: torch.Tensor, activation) -> torch.Tensor:
+    """`act(gate) * up` for `h = (gate | up)`; with SiLU the backward writes both halves of one gradient tensor
+    (autograd's default would concatenate two)."""
+    if activation is F.silu:
+        return _SiluGLU.apply(h_M2F)
+    gate_MF, up_MF = h_M2F.chunk(2, dim=-1)
+    return activation(gate_MF) * up_MF
+
+
+# ----------------------------------------------------------------------------- rotary embeddings
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    """`x * cos + sign * rotate_half(x) * sin` in two passes, where `rotate_half(x) = (-x2, x1)`."""
+    h = x.shape[-1] // 2
+    y = x * cos
+    y[..., :h].addcmul_(x[..., h:], sin[..., :h], value=-sign)
+    y[..., h:].addcmul_(x[..., :h], sin[..., h:], value=sign)
+    return y
+
+
+class _Rotary(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rotate(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        # The transpose of the rotation: dx1 = dy1·cos1 + dy2·sin2, dx2 = dy2·cos2 - dy1·sin1.
+        h = dy.shape[-1] // 2
+        dx = dy * cos
+        dx[..., :h].addcmul_(dy[..., h:], sin[..., h:])
+        dx[..., h:].addcmul_(dy[..., :h], sin[..., :h], value=-1.0)
+        return dx, None, None
+
+
+def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary embedding `x * cos + rotate_half(x) * sin` (cos/sin broadcast against x; they get no gradient)."""
+    return _Rotary.apply(x, cos, sin)
