@@ -8,6 +8,9 @@ stderr and exit with status 2, without a traceback.
     jetmoe generate runs/default --prompt "def " [--max-new-tokens 200 --temperature 0.8 --top-k 50 --greedy]
     jetmoe eval runs/default data.txt [more.txt ...] [--seq-len 256 --batch-size 8]
     jetmoe report runs/default
+    jetmoe sweep experiments/ablate_experts_smoke.yaml [key=value ...]
+    jetmoe plan experiments/jetmoe_8b.yaml --gpus 96 [--gpu-memory-gb 80 --mfu 0.4]
+    jetmoe consolidate runs/big [--out DIR]
 """
 
 from __future__ import annotations
@@ -105,6 +108,12 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("report", help="expert-utilization table of a finished run")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(command=_report)
+    p = commands.add_parser("sweep", help="train every point of a sweep YAML (resumable), then tabulate them")
+    p.add_argument("sweep", help="sweep YAML, e.g. experiments/ablate_experts_smoke.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="overrides for every point; sweep_dir=DIR and only=a,b change the sweep itself")
+    p.set_defaults(command=_sweep)
+
     p = commands.add_parser("plan", help="per-device memory and tokens/day of an experiment on a cluster")
     p.add_argument("experiment", help="experiment YAML, e.g. experiments/jetmoe_8b.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
@@ -172,6 +181,13 @@ def _eval(args: argparse.Namespace) -> None:
 
     result = evaluate(args.model_dir, args.files, seq_len=args.seq_len, batch_size=args.batch_size)
     print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.2f}  tokens {result['tokens']:,}")
+
+
+def _sweep(args: argparse.Namespace) -> None:
+    from jetmoe.training.sweep import format_table, run_sweep
+
+    result = run_sweep(args.sweep, args.overrides)
+    print(format_table(result))
 
 
 def _plan(args: argparse.Namespace) -> None:

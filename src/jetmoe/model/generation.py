@@ -125,10 +125,11 @@ def generate(
     finished_B = torch.zeros(B, dtype=torch.bool, device=device)
     for t in range(T, total):
         ids_B = next_token(logits_BV, do_sample, temperature, top_k, top_p, generator)
-        ids_B = torch.where(finished_B, torch.full_like(ids_B, pad), ids_B)
+        if eos:  # without EOS no row ever finishes: skip the bookkeeping (and its host sync)
+            ids_B = torch.where(finished_B, torch.full_like(ids_B, pad), ids_B)
+            finished_B = finished_B | torch.isin(ids_B, eos_E)
         out_ids.append(ids_B[:, None])
-        finished_B = finished_B | torch.isin(ids_B, eos_E)
-        if t == total - 1 or bool(finished_B.all()):
+        if t == total - 1 or (eos and bool(finished_B.all())):
             break
         step_mask = mask_BS if static_cache else (mask_BS[:, : t + 1] if attention_mask is not None else None)
         logits_BV = step(

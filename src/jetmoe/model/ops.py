@@ -93,13 +93,35 @@ def _maybe_upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tensors
 
 
-@torch.library.custom_op("jetmoe::grouped_mm", mutates_args=())
-def grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
-    """Rows `offsets[e-1]:offsets[e]` of `x_MI` times `w_EIO[e]`: `torch._grouped_mm` as an opaque op, so it
-    compiles for every dtype the device runs (its built-in fake kernel only admits bf16)."""
+def _grouped_mm_impl(x_MI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     dtype = x_MI.dtype
     x_MI, w_EIO = _maybe_upcast(x_MI, w_EIO)
-    return torch._grouped_mm(x_MI, w_EIO, offs=offsets_E).to(dtype)
+    if x_MI.device.type != "cpu":
+        return torch._grouped_mm(x_MI, w_EIO, offs=offsets_E).to(dtype)
+    # On the CPU reading the offsets costs no synchronisation: one GEMM per non-empty group.
+    y_MO = x_MI.new_empty(x_MI.shape[0], w_EIO.shape[-1])
+    start = 0
+    for e, end in enumerate(offsets_E.tolist()):
+        if end > start:
+            torch.mm(x_MI[start:end], w_EIO[e], out=y_MO[start:end])
+        start = end
+    return y_MO.to(dtype)
+
+
+@torch.library.custom_op("jetmoe::grouped_mm", mutates_args=())
+def _grouped_mm_op(x_MI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    return _grouped_mm_impl(x_MI, w_EIO, offsets_E)
+
+
+def grouped_mm(x_MI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
+    """Rows `offsets[e-1]:offsets[e]` of `x_MI` times `w_EIO[e]`. Compiled or differentiated it runs as the
+    opaque custom op `jetmoe::grouped_mm` (which compiles for every dtype the device runs, where the built-in
+    `torch._grouped_mm` fake kernel only admits bf16); plain inference calls the kernel directly (decoding
+    calls it dozens of times per token, and the custom-op dispatch costs tens of microseconds)."""
+    needs_grad = torch.is_grad_enabled() and (x_MI.requires_grad or w_EIO.requires_grad)
+    if needs_grad or torch.compiler.is_compiling():
+        return _grouped_mm_op(x_MI, w_EIO, offsets_E)
+    return _grouped_mm_impl(x_MI, w_EIO, offsets_E)
 
 
 @torch.library.custom_op("jetmoe::grouped_mm_weight_grad", mutates_args=())
@@ -111,7 +133,7 @@ def grouped_mm_weight_grad(dy_MO: torch.Tensor, x_MI: torch.Tensor, offsets_E: t
     return torch._grouped_mm(dy_MO.t(), x_MI, offs=offsets_E).to(dtype)
 
 
-@grouped_mm.register_fake
+@_grouped_mm_op.register_fake
 def _(x_MI, w_EIO, offsets_E):
     return x_MI.new_empty(x_MI.shape[0], w_EIO.shape[-1])
 
@@ -128,14 +150,14 @@ def _grouped_mm_setup_context(ctx, inputs, output):
 def _grouped_mm_backward(ctx, dy_MO):
     x_MI, w_EIO, offsets_E = ctx.saved_tensors
     dy_MO = dy_MO.contiguous()
-    dx_MI = grouped_mm(dy_MO, w_EIO.transpose(-2, -1), offsets_E) if ctx.needs_input_grad[0] else None
+    dx_MI = _grouped_mm_op(dy_MO, w_EIO.transpose(-2, -1), offsets_E) if ctx.needs_input_grad[0] else None
     dw_EIO = None
     if ctx.needs_input_grad[1]:
         dw_EIO = grouped_mm_weight_grad(dy_MO, x_MI, offsets_E).transpose(-2, -1)
     return dx_MI, dw_EIO, None
 
 
-grouped_mm.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup_context)
+_grouped_mm_op.register_autograd(_grouped_mm_backward, setup_context=_grouped_mm_setup_context)
 
 
 # ----------------------------------------------------------------------------- row permutations

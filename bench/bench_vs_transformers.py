@@ -1,0 +1,673 @@
+"""JetMoE (this repo) against `transformers.JetMoeForCausalLM`: same weights, same inputs, one process.
+
+    python bench/bench_vs_transformers.py                  # CPU preset, about 10 minutes on 2 cores
+    python bench/bench_vs_transformers.py --quick          # smoke run: 1 timed iteration, no compiled rows
+    python bench/bench_vs_transformers.py --config gpu     # ~1B active parameters (needs CUDA)
+
+Writes `<out-dir>/latest.json` and `<out-dir>/latest.md` (default `bench/results/`, git-ignored); `--publish`
+also writes the markdown to `bench/RESULTS.md`.
+
+What is measured (ours = `jetmoe`, theirs = transformers with SDPA attention):
+- training step tokens/s (forward + backward of CE + aux loss, `zero_grad(set_to_none=True)`): fp32 eager,
+  bf16 eager (both models cast to bf16), ours under `torch.compile`. Ours uses `skip_logits=True` (CE fused with
+  the LM head, logits never materialised); transformers returns logits, as it has no such option.
+- forward tokens/s (eval, no grad, logits returned by both).
+- decode tokens/s at batch 1 and 8: `generate` greedy with a fixed number of new tokens (EOS disabled), prompt
+  included; ours with the dynamic cache (eager) and with the static cache + compiled step.
+- the decode bound: the plain chain of matrix products one decode step needs (per layer the KV projection, the
+  routers, and the query/output and MLP weights of every expert the step's tokens chose; the LM head), timed in
+  the same run with `F.linear`; decode tokens/s are reported as a share of the chain's tokens/s.
+- peak memory of a training step: peak RSS minus RSS just before the step, in a fresh subprocess per
+  measurement (after one warm-up step; glibc told to return freed blocks >= 64 KiB, so RSS follows live memory);
+  and the saving of gradient checkpointing (ours; transformers' JetMoe does not support it).
+- achieved FLOP/s and MFU against the best GEMM FLOP/s measured in the same run on the bench's shapes.
+- scaling: training tokens/s with 8, 32, 64 experts at constant active parameters (top-k and expert size fixed,
+  so total parameters grow with the experts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import gc
+import json
+import os
+import platform
+import re
+import shlex
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+import jetmoe
+from jetmoe import DynamicKVCache, JetMoeConfig, JetMoeForCausalLM
+
+BENCH_DIR = Path(__file__).resolve().parent
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": dict(
+        model=dict(vocab_size=8192, hidden_size=512, num_hidden_layers=4, num_key_value_heads=4, kv_channels=64,
+                   intermediate_size=1024, num_local_experts=8, num_experts_per_tok=2),
+        batch=8, seq=512, prompt=8, new_tokens=64,
+    ),
+    "gpu": dict(  # ~1.2B active parameters
+        model=dict(vocab_size=32000, hidden_size=2048, num_hidden_layers=12, num_key_value_heads=16, kv_channels=128,
+                   intermediate_size=5632, num_local_experts=8, num_experts_per_tok=2),
+        batch=8, seq=2048, prompt=128, new_tokens=128,
+    ),
+    "tiny": dict(  # smoke tests
+        model=dict(vocab_size=256, hidden_size=64, num_hidden_layers=2, num_key_value_heads=2, kv_channels=16,
+                   intermediate_size=64, num_local_experts=4, num_experts_per_tok=2),
+        batch=2, seq=32, prompt=4, new_tokens=4,
+    ),
+}
+SCALING_EXPERTS = (8, 32, 64)
+
+TARGETS = {  # row name -> (comparison, threshold): ratio >= threshold, or <= for memory
+    "train_fp32": (">=", 1.25),
+    "train_bf16": (">=", 1.5),
+    "decode_b1": (">=", 1.4),
+    "decode_b8": (">=", 1.4),
+    "decode_b1_chain_share": (">=", 0.85),
+    "decode_b8_chain_share": (">=", 0.85),
+    "train_peak_memory": ("<=", 1.0),
+    "grad_checkpointing_memory": ("<=", 1.0),
+    "scaling_32_experts": (">=", 0.8),
+    "scaling_64_experts": (">=", 0.8),
+}
+
+
+# ----------------------------------------------------------------------------- setup
+
+
+def make_config(preset: str, **overrides: Any) -> JetMoeConfig:
+    fields = dict(PRESETS[preset]["model"], **overrides)
+    seq = PRESETS[preset]["seq"]
+    return JetMoeConfig(**fields, max_position_embeddings=max(2048, 2 * seq), eos_token_id=None, bos_token_id=None)
+
+
+def hf_twin(model: JetMoeForCausalLM, attn: str = "sdpa") -> torch.nn.Module:
+    """transformers' JetMoeForCausalLM with our weights (its SDPA attention)."""
+    import transformers  # here, so that the memory workers measuring ours do not import it
+
+    known = getattr(transformers.JetMoeConfig, "__dataclass_fields__", None)
+    fields = {k: v for k, v in model.config.to_dict().items() if known is None or k in known}
+    for extra in ("num_attention_heads", "expert_impl", "router_z_loss_coef", "problem_type", "num_labels"):
+        fields.pop(extra, None)
+    hf_config = transformers.JetMoeConfig(**fields)
+    hf_config._attn_implementation = attn
+    hf = transformers.JetMoeForCausalLM(hf_config).to(model.device)
+    result = hf.load_state_dict(model.state_dict(), strict=True)
+    assert not result.missing_keys and not result.unexpected_keys
+    return hf
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_interleaved(fns: dict[str, Callable[[], Any]], iters: int, warmup: int, device) -> dict[str, list[float]]:
+    """Run each function `warmup` times, then `iters` rounds of one call each, interleaved (so that the load of
+    a shared machine hits every contender alike); returns the wall times."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+            sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - start)
+    return times
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+
+def train_flops_per_step(config: JetMoeConfig, batch: int, seq: int) -> float:
+    """Matmul FLOPs of one training step (3x the forward): projections, experts (k per token), routers, LM head,
+    and causal attention (QK^T and PV over the visible half)."""
+    D, E, k = config.hidden_size, config.num_local_experts, config.num_experts_per_tok
+    A = config.num_key_value_heads * config.kv_channels
+    per_token_layer = 2 * (D * 2 * A + k * 2 * D * A + k * 3 * D * config.intermediate_size + 2 * D * E)
+    per_token = config.num_hidden_layers * per_token_layer + 2 * D * config.vocab_size
+    attention = config.num_hidden_layers * batch * 4 * (k * A) * seq * (seq + 1) / 2
+    return 3 * (per_token * batch * seq + attention)
+
+
+def gemm_peak(device: torch.device, config: JetMoeConfig, batch: int, seq: int, iters: int) -> dict[str, Any]:
+    """Best FLOP/s of plain GEMMs with the bench's shapes (tokens x width x width), fp32 and bf16."""
+    N, D = batch * seq, config.hidden_size
+    shapes = {
+        "moe_in": (N * config.num_experts_per_tok // config.num_local_experts, D, 2 * config.intermediate_size),
+        "kv_proj": (N, D, 2 * config.num_key_value_heads * config.kv_channels),
+        "lm_head": (N, D, config.vocab_size),
+    }
+    out: dict[str, Any] = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        per_shape = {}
+        for name, (m, kk, n) in shapes.items():
+            a = torch.randn(m, kk, device=device, dtype=dtype)
+            b = torch.randn(kk, n, device=device, dtype=dtype)
+            t = median(time_interleaved({"mm": lambda: a @ b}, iters=max(3, iters), warmup=1, device=device)["mm"])
+            per_shape[name] = 2 * m * kk * n / t
+        key = str(dtype).removeprefix("torch.")
+        out[key] = {"flops_per_s": max(per_shape.values()), "per_shape": per_shape}
+    out["shapes"] = {k: list(v) for k, v in shapes.items()}
+    return out
+
+
+# ----------------------------------------------------------------------------- training and forward
+
+
+def train_step_fn(model, ids, ours: bool) -> Callable[[], None]:
+    kwargs = {"skip_logits": True} if ours else {}
+
+    def step() -> None:
+        out = model(ids, labels=ids, output_router_logits=True, **kwargs)
+        out.loss.backward()
+        model.zero_grad(set_to_none=True)
+
+    return step
+
+
+def bench_training(args, device, results) -> None:
+    config = make_config(args.config)
+    B, T = PRESETS[args.config]["batch"], PRESETS[args.config]["seq"]
+    tokens = B * T
+    flops = train_flops_per_step(config, B, T)
+    results.meta["train_flops_per_step"] = flops
+    torch.manual_seed(0)
+    ids = torch.randint(0, config.vocab_size, (B, T), device=device)
+
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        torch.manual_seed(0)
+        ours = JetMoeForCausalLM(config).to(device).train()
+        theirs = hf_twin(ours).train()
+        if dtype != torch.float32:
+            ours.to(dtype)
+            theirs.to(dtype)
+        log(f"training step {dtype_name} eager")
+        times = time_interleaved(
+            {"ours": train_step_fn(ours, ids, True), "theirs": train_step_fn(theirs, ids, False)},
+            args.train_iters if dtype == torch.float32 else args.iters, args.warmup, device,
+        )
+        t_ours, t_theirs = median(times["ours"]), median(times["theirs"])
+        peak = results.peak_for(dtype)
+        results.add(
+            f"train_{dtype_name}", f"training step tokens/s ({dtype_name}, eager)", tokens / t_ours,
+            tokens / t_theirs, "tokens/s", times=times,
+            extra={"mfu_ours": flops / t_ours / peak if peak else None,
+                   "mfu_theirs": flops / t_theirs / peak if peak else None,
+                   "flops_per_s_ours": flops / t_ours, "flops_per_s_theirs": flops / t_theirs},
+        )
+        if dtype == torch.float32:
+            results.baselines["train_fp32_theirs_s"] = t_theirs
+            log("forward (eval, no grad) fp32")
+            ours.eval()
+            theirs.eval()
+            with torch.no_grad():
+                times = time_interleaved({"ours": lambda: ours(ids), "theirs": lambda: theirs(ids)},
+                                         args.train_iters, args.warmup, device)
+            results.add("forward_fp32", "forward tokens/s (fp32, eval)", tokens / median(times["ours"]),
+                        tokens / median(times["theirs"]), "tokens/s", times=times)
+            if args.quick:
+                results.skip("train_fp32_compiled", "training step tokens/s (fp32, ours compiled)", "--quick")
+            else:
+                log("training step fp32, ours compiled (first call compiles)")
+                ours.train()
+                compiled = torch.compile(ours)
+                start = time.perf_counter()
+                train_step_fn(compiled, ids, True)()
+                sync(device)
+                compile_s = time.perf_counter() - start
+                times = time_interleaved({"ours": train_step_fn(compiled, ids, True)}, args.iters, 1, device)
+                t_c = median(times["ours"])
+                results.add("train_fp32_compiled", "training step tokens/s (fp32, ours compiled vs theirs eager)",
+                            tokens / t_c, tokens / results.baselines["train_fp32_theirs_s"], "tokens/s",
+                            times=times, extra={"compile_s": compile_s,
+                                                "mfu_ours": flops / t_c / peak if peak else None})
+        del ours, theirs
+        gc.collect()
+
+
+# ----------------------------------------------------------------------------- decoding
+
+
+def decode_chain(model: JetMoeForCausalLM, batch: int, prompt_ids: torch.Tensor, iters: int) -> dict[str, Any]:
+    """Time the plain chain of `F.linear` calls one decode step needs: per layer the KV projection, both routers,
+    and for every expert a token of the step chose, its query/output (MoA) and input/output (MoE) weights applied
+    to the rows routed to it; then the LM head. The experts are those of a real decode step of the model."""
+    chosen: list[torch.Tensor] = []
+    hooks = [
+        m.register_forward_hook(lambda mod, inp, out: chosen.append(out.experts_Nk.flatten().cpu()))
+        for m in model.modules() if isinstance(m, jetmoe.model.experts.TopKRouter)
+    ]
+    try:
+        with torch.no_grad():
+            cache = DynamicKVCache(model.config.num_hidden_layers)
+            logits = model(prompt_ids, cache=cache, use_cache=True).logits
+            chosen.clear()
+            model(logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    device, dtype, D = model.device, model.dtype, model.config.hidden_size
+    mats: list[tuple[torch.Tensor, int]] = []  # (weight [out, in], rows)
+    experts_touched = []
+    for i, layer in enumerate(model.model.layers):
+        moa, moe = layer.self_attention.experts, layer.mlp
+        mats += [(layer.self_attention.kv_proj.weight, batch), (moa.router.layer.weight, batch),
+                 (moe.router.layer.weight, batch)]
+        for module, experts in ((moa, chosen[2 * i]), (moe, chosen[2 * i + 1])):
+            counts = torch.bincount(experts, minlength=module.router.num_experts)
+            touched = [e for e in range(len(counts)) if counts[e] > 0]
+            experts_touched.append(len(touched))
+            for e in touched:
+                rows = int(counts[e])
+                mats += [(module.input_linear.weight[e], rows), (module.output_linear.weight[e], rows)]
+    mats.append((model.lm_head.weight, batch))
+    inputs = [torch.randn(rows, w.shape[1], device=device, dtype=dtype) for w, rows in mats]
+
+    def chain() -> None:
+        for (w, _), x in zip(mats, inputs):
+            F.linear(x, w)
+
+    with torch.no_grad():
+        times = time_interleaved({"chain": chain}, iters=iters, warmup=3, device=device)["chain"]
+    weight_bytes = sum(w.numel() * w.element_size() for w, _ in mats)
+    t = median(times)
+    return {"seconds_per_step": t, "tokens_per_s": batch / t, "weight_bytes": weight_bytes, "matmuls": len(mats),
+            "weight_bytes_per_s": weight_bytes / t, "mean_experts_touched_per_router": statistics.mean(experts_touched)}
+
+
+def bench_decode(args, device, results) -> None:
+    config = make_config(args.config)
+    P = PRESETS[args.config]["prompt"]
+    n = PRESETS[args.config]["new_tokens"] if not args.quick else min(8, PRESETS[args.config]["new_tokens"])
+    torch.manual_seed(0)
+    ours = JetMoeForCausalLM(config).to(device).eval()
+    theirs = hf_twin(ours).eval()
+    for batch in (1, 8):
+        torch.manual_seed(1)
+        ids = torch.randint(0, config.vocab_size, (batch, P), device=device)
+        outs: dict[str, torch.Tensor] = {}
+
+        def run(name: str, fn: Callable[[], torch.Tensor]) -> Callable[[], None]:
+            def call() -> None:
+                outs[name] = fn()
+            return call
+
+        fns = {
+            "ours_dynamic": run("ours_dynamic", lambda: ours.generate(ids, max_new_tokens=n, eos_token_id=[])),
+            "theirs": run("theirs", lambda: theirs.generate(
+                ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)),
+        }
+        compile_s = None
+        if not args.quick:
+            def static() -> torch.Tensor:
+                return ours.generate(ids, max_new_tokens=n, eos_token_id=[], static_cache=True, compile=True)
+            log(f"decode batch {batch}: compiling the static-cache step")
+            start = time.perf_counter()
+            static()
+            compile_s = time.perf_counter() - start
+            fns["ours_static_compiled"] = run("ours_static_compiled", static)
+        log(f"decode batch {batch}: {n} new tokens")
+        with torch.no_grad():
+            times = time_interleaved(fns, args.iters, 1, device)
+        tokens = batch * n
+        same = {k: bool(torch.equal(v, outs["theirs"])) for k, v in outs.items() if k != "theirs"}
+        t_theirs = median(times["theirs"])
+        results.add(f"decode_b{batch}_dynamic", f"decode tokens/s, batch {batch} (ours dynamic cache, eager)",
+                    tokens / median(times["ours_dynamic"]), tokens / t_theirs, "tokens/s", times=times,
+                    extra={"same_tokens_as_theirs": same.get("ours_dynamic")})
+        best = "ours_dynamic"
+        if "ours_static_compiled" in times:
+            results.add(f"decode_b{batch}_static_compiled",
+                        f"decode tokens/s, batch {batch} (ours static cache + compiled step)",
+                        tokens / median(times["ours_static_compiled"]), tokens / t_theirs, "tokens/s", times=times,
+                        extra={"same_tokens_as_theirs": same.get("ours_static_compiled"), "compile_s": compile_s})
+            if median(times["ours_static_compiled"]) < median(times["ours_dynamic"]):
+                best = "ours_static_compiled"
+        else:
+            results.skip(f"decode_b{batch}_static_compiled",
+                         f"decode tokens/s, batch {batch} (ours static cache + compiled step)", "--quick")
+        best_tps = tokens / median(times[best])
+        results.add(f"decode_b{batch}", f"decode tokens/s, batch {batch} (ours best: {best.removeprefix('ours_')})",
+                    best_tps, tokens / t_theirs, "tokens/s")
+        log(f"decode batch {batch}: weights-only chain")
+        chain = decode_chain(ours, batch, ids, iters=max(5, 4 * args.iters))
+        results.add(f"decode_b{batch}_chain_share",
+                    f"decode tokens/s as a share of the weights-only chain, batch {batch} (ours best)",
+                    best_tps / chain["tokens_per_s"], (tokens / t_theirs) / chain["tokens_per_s"], "share",
+                    ratio=best_tps / chain["tokens_per_s"], extra={"chain": chain})
+    del ours, theirs
+    gc.collect()
+
+
+# ----------------------------------------------------------------------------- memory (fresh subprocesses)
+
+
+def _status_kib(field_name: str) -> int:
+    text = Path("/proc/self/status").read_text()
+    return int(re.search(rf"{field_name}:\s+(\d+)", text).group(1))
+
+
+def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """One training-step peak measurement in this (fresh) process: peak RSS minus RSS before the step."""
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    config = make_config(spec["preset"])
+    B, T = PRESETS[spec["preset"]]["batch"], PRESETS[spec["preset"]]["seq"]
+    torch.manual_seed(0)
+    model = JetMoeForCausalLM(config).to(device).train()
+    if spec["who"] == "theirs":
+        model = hf_twin(model).train()
+    if spec["grad_ckpt"]:
+        model.gradient_checkpointing_enable()
+    ids = torch.randint(0, config.vocab_size, (B, T), device=device)
+    step = train_step_fn(model, ids, spec["who"] == "ours")
+    step()  # warm-up: one-off allocations (thread pools, kernels' workspaces)
+    gc.collect()
+    result = _measure_step(step, device)
+    del model, step
+    gc.collect()
+    return result
+
+
+def _measure_step(step: Callable[[], None], device: torch.device) -> dict[str, Any]:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        step()
+        torch.cuda.synchronize()
+        return {"peak_bytes": torch.cuda.max_memory_allocated() - base, "method": "torch.cuda.max_memory_allocated"}
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak-RSS high-water mark
+    base = _status_kib("VmRSS")
+    step()
+    return {"peak_bytes": (_status_kib("VmHWM") - base) * 1024,
+            "method": "peak RSS - RSS before the step (VmHWM after clear_refs), MALLOC_MMAP_THRESHOLD_=65536"}
+
+
+def bench_memory(args, device, results) -> None:
+    if device.type == "cpu" and not Path("/proc/self/clear_refs").exists():
+        for name in ("train_peak_memory", "grad_checkpointing_memory"):
+            results.skip(name, name, "needs Linux /proc")
+        return
+    specs = {
+        "ours": dict(who="ours", grad_ckpt=False),
+        "theirs": dict(who="theirs", grad_ckpt=False),
+        "ours_ckpt": dict(who="ours", grad_ckpt=True),
+    }
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    common = dict(preset=args.config, device=str(device), threads=torch.get_num_threads())
+    # One fresh process per measurement; --quick measures all three in one process (one import instead of three).
+    groups = [[name] for name in specs] if not args.quick else [list(specs)]
+    log(f"peak training-step memory ({len(groups)} fresh subprocess(es))")
+    procs = []
+    for names in groups:
+        payload = json.dumps([dict(specs[name], name=name, **common) for name in names])
+        cmd = [sys.executable, __file__, "--memory-worker", payload]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+    measured = {}
+    for proc in procs:
+        out, _ = proc.communicate()
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory worker failed (exit code {proc.returncode})")
+        measured.update(json.loads(out.strip().splitlines()[-1]))
+    mib = 2**20
+    results.add("train_peak_memory", "peak memory of a training step (MiB, fp32; ratio = ours / theirs)",
+                measured["ours"]["peak_bytes"] / mib, measured["theirs"]["peak_bytes"] / mib, "MiB",
+                ratio=measured["ours"]["peak_bytes"] / measured["theirs"]["peak_bytes"],
+                extra={"method": measured["ours"]["method"]})
+    results.add("grad_checkpointing_memory",
+                "peak memory with gradient checkpointing (MiB; ours with / ours without; theirs: unsupported)",
+                measured["ours_ckpt"]["peak_bytes"] / mib, None, "MiB",
+                ratio=measured["ours_ckpt"]["peak_bytes"] / measured["ours"]["peak_bytes"],
+                extra={"ours_without_MiB": measured["ours"]["peak_bytes"] / mib,
+                       "note": "transformers' JetMoe has supports_gradient_checkpointing = False"})
+
+
+# ----------------------------------------------------------------------------- scaling
+
+
+def bench_scaling(args, device, results) -> None:
+    B, T = PRESETS[args.config]["batch"], PRESETS[args.config]["seq"]
+    tokens = B * T
+    tps: dict[int, dict[str, float]] = {}
+    for experts in SCALING_EXPERTS:
+        config = make_config(args.config, num_local_experts=experts)
+        torch.manual_seed(0)
+        ours = JetMoeForCausalLM(config).to(device).train()
+        theirs = hf_twin(ours).train()
+        ids = torch.randint(0, config.vocab_size, (B, T), device=device)
+        log(f"scaling: {experts} experts")
+        # transformers' per-expert loop makes a step with many experts very slow (each expert's weight slice
+        # allocates a full-size gradient): one warm-up-free step for it, the usual iterations for ours.
+        t_ours = time_interleaved({"ours": train_step_fn(ours, ids, True)}, max(1, args.iters - 1), 1, device)
+        t_theirs = time_interleaved({"theirs": train_step_fn(theirs, ids, False)}, 1, 0 if experts > 8 else 1, device)
+        tps[experts] = {"ours": tokens / median(t_ours["ours"]), "theirs": tokens / median(t_theirs["theirs"]),
+                        "total_params": config.num_parameters()["total"],
+                        "active_params": config.num_parameters()["active"]}
+        del ours, theirs
+        gc.collect()
+    for experts in SCALING_EXPERTS[1:]:
+        results.add(
+            f"scaling_{experts}_experts",
+            f"training tokens/s with {experts} experts (ratio = ours vs ours with 8 experts)",
+            tps[experts]["ours"], tps[experts]["theirs"], "tokens/s", ratio=tps[experts]["ours"] / tps[8]["ours"],
+            extra={"theirs_vs_theirs_8": tps[experts]["theirs"] / tps[8]["theirs"], "per_experts": tps},
+        )
+
+
+# ----------------------------------------------------------------------------- results
+
+
+@dataclass
+class Results:
+    meta: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    gemm: dict[str, Any] = field(default_factory=dict)
+    baselines: dict[str, float] = field(default_factory=dict)
+
+    def peak_for(self, dtype: torch.dtype) -> float | None:
+        """The matmul peak MFU is measured against: for bf16, the better of the bf16 and fp32 GEMMs (on a CPU
+        without bf16 units the fp32 GEMM is the faster way to do bf16 math, and ours uses it)."""
+        if not self.gemm:
+            return None
+        fp32 = self.gemm["float32"]["flops_per_s"]
+        return fp32 if dtype == torch.float32 else max(fp32, self.gemm["bfloat16"]["flops_per_s"])
+
+    def add(self, name, label, ours, theirs, unit, ratio=None, times=None, extra=None) -> None:
+        if ratio is None:
+            ratio = ours / theirs if theirs else None
+        target = TARGETS.get(name)
+        met = None
+        if target is not None and ratio is not None:
+            met = ratio >= target[1] if target[0] == ">=" else ratio <= target[1]
+        row = {"name": name, "label": label, "ours": ours, "theirs": theirs, "unit": unit, "ratio": ratio,
+               "target": None if target is None else f"{target[0]} {target[1]}", "met": met}
+        if times:
+            row["times_s"] = times
+        if extra:
+            row.update(extra)
+        self.rows.append(row)
+        log(f"  {label}: ours {fmt(ours)}  theirs {fmt(theirs)}  ratio {fmt(ratio)}"
+            + ("" if met is None else f"  target {row['target']}: {'met' if met else 'NOT met'}"))
+
+    def skip(self, name, label, reason) -> None:
+        target = TARGETS.get(name)
+        self.rows.append({"name": name, "label": label, "ours": None, "theirs": None, "unit": None, "ratio": None,
+                          "target": None if target is None else f"{target[0]} {target[1]}", "met": None,
+                          "skipped": reason})
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.3g}" if abs(value) < 100 else f"{value:,.0f}"
+    return str(value)
+
+
+def to_markdown(results: Results) -> str:
+    m = results.meta
+    lines = [
+        f"# JetMoE vs transformers: `{m['config']}` preset{' (--quick)' if m['quick'] else ''}",
+        "",
+        f"- machine: {m['machine']}, {m['threads']} torch threads; torch {m['torch']}, transformers "
+        f"{m['transformers']}; {m['date']}",
+        f"- command: `{m['command']}`",
+        f"- model: {m['model']}; batch {m['batch']} x {m['seq']} tokens",
+        "",
+        "| metric | ours | transformers | ratio | target | met |",
+        "|---|---:|---:|---:|---:|:---:|",
+    ]
+    for r in results.rows:
+        met = "-" if r["met"] is None else ("yes" if r["met"] else "**no**")
+        if r.get("skipped"):
+            met = f"skipped ({r['skipped']})"
+        lines.append(f"| {r['label']} | {fmt(r['ours'])} | {fmt(r['theirs'])} | {fmt(r['ratio'])} | "
+                     f"{r['target'] or '-'} | {met} |")
+    extra = []
+    for r in results.rows:
+        if "mfu_ours" in r and r["mfu_ours"] is not None:
+            theirs = r.get("mfu_theirs")
+            extra.append(f"- MFU, {r['label']}: ours {100 * r['mfu_ours']:.0f}%"
+                         + ("" if theirs is None else f", transformers {100 * theirs:.0f}%"))
+        if "chain" in r:
+            c = r["chain"]
+            extra.append(f"- chain, {r['label']}: {c['matmuls']} matmuls, {c['weight_bytes'] / 2**20:.0f} MiB of "
+                         f"weights, {c['tokens_per_s']:.0f} tokens/s ({c['weight_bytes_per_s'] / 1e9:.1f} GB/s), "
+                         f"{c['mean_experts_touched_per_router']:.1f} experts per router")
+        if r.get("same_tokens_as_theirs") is not None:
+            extra.append(f"- {r['label']}: same tokens as transformers: {r['same_tokens_as_theirs']}")
+        if "compile_s" in r:
+            extra.append(f"- {r['label']}: first call (compilation) {r['compile_s']:.0f} s")
+        if "theirs_vs_theirs_8" in r:
+            extra.append(f"- {r['label']}: transformers vs its own 8-expert step: {r['theirs_vs_theirs_8']:.2f}")
+        if "ours_without_MiB" in r:
+            extra.append(f"- gradient checkpointing: ours {r['ours']:.0f} MiB with vs {r['ours_without_MiB']:.0f} MiB "
+                         f"without; {r['note']}")
+    if results.gemm:
+        g = results.gemm
+        extra.append(f"- GEMM peak (best of {', '.join(g['shapes'])}): fp32 {g['float32']['flops_per_s'] / 1e9:.0f} "
+                     f"GFLOP/s, bf16 {g['bfloat16']['flops_per_s'] / 1e9:.0f} GFLOP/s")
+    if "train_flops_per_step" in m:
+        extra.append(f"- training FLOPs per step (matmuls, 3x forward): {m['train_flops_per_step'] / 1e9:.0f} GFLOP")
+    if extra:
+        lines += ["", *extra]
+    lines += ["", "Methods: see the docstring of `bench/bench_vs_transformers.py`."]
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def log(message: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
+
+
+def machine_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    model = platform.processor() or "unknown CPU"
+    with contextlib.suppress(OSError):
+        found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
+        model = found.group(1).strip() if found else model
+    return f"{model} ({os.cpu_count()} CPUs)"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--config", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--quick", action="store_true", help="1 timed iteration, short decode, no compiled rows")
+    p.add_argument("--iters", type=int, default=None, help="timed iterations per row (default 3, --quick 1)")
+    p.add_argument("--train-iters", type=int, default=None,
+                   help="timed iterations of the eager fp32 training and forward rows (default 5, --quick 1)")
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--sections", default="gemm,train,decode,memory,scaling",
+                   help="comma-separated subset of gemm,train,decode,memory,scaling")
+    p.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
+    p.add_argument("--publish", action="store_true", help="also write the markdown to bench/RESULTS.md")
+    p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.iters is None:
+        args.iters = 1 if args.quick else 3
+    if args.train_iters is None:
+        args.train_iters = 1 if args.quick else 5
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.memory_worker is not None:
+        print(json.dumps({spec["name"]: memory_worker(spec) for spec in json.loads(args.memory_worker)}))
+        return 0
+    import transformers
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.config == "gpu" and not torch.cuda.is_available():
+        log("--config gpu needs CUDA")
+        return 2
+    device = torch.device("cuda" if args.config == "gpu" else "cpu")
+    preset = PRESETS[args.config]
+    results = Results(meta={
+        "config": args.config, "quick": args.quick, "machine": machine_name(device),
+        "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
+        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "model": asdict(make_config(args.config)),
+        "batch": preset["batch"], "seq": preset["seq"], "iters": args.iters,
+        "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *sys.argv[1:]]),
+    })
+    results.meta["model"] = ", ".join(f"{k}={v}" for k, v in preset["model"].items())
+    sections = set(args.sections.split(","))
+    start = time.perf_counter()
+    if "gemm" in sections:
+        log("GEMM peak")
+        results.gemm = gemm_peak(device, make_config(args.config), preset["batch"], preset["seq"], args.iters)
+    if "train" in sections:
+        bench_training(args, device, results)
+    if "decode" in sections:
+        bench_decode(args, device, results)
+    if "memory" in sections:
+        bench_memory(args, device, results)
+    if "scaling" in sections:
+        if args.quick:
+            for e in SCALING_EXPERTS[1:]:
+                results.skip(f"scaling_{e}_experts", f"training tokens/s with {e} experts", "--quick")
+        else:
+            bench_scaling(args, device, results)
+    results.meta["wall_s"] = time.perf_counter() - start
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    payload = {"meta": results.meta, "rows": results.rows, "gemm_peak": results.gemm}
+    (args.out_dir / "latest.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    markdown = to_markdown(results)
+    (args.out_dir / "latest.md").write_text(markdown)
+    if args.publish:
+        (BENCH_DIR / "RESULTS.md").write_text(markdown)
+    print(markdown)
+    log(f"done in {results.meta['wall_s']:.0f} s; wrote {args.out_dir / 'latest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,174 @@
+"""Sweeps: a tiny two-point grid end to end (results files, skipping finished points), active-parameter
+matching of the shipped ablations (no training), and one-line ConfigErrors for bad sweep files."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+
+from jetmoe import JetMoeConfig
+from jetmoe.training.config import ConfigError
+from jetmoe.training.matching import matched_intermediate_size, relative_gap
+from jetmoe.training.sweep import format_plan, format_table, load_sweep, plan_sweep, read_results, run_sweep
+
+REPO = Path(__file__).resolve().parents[2]
+DEFAULT = REPO / "experiments/default.yaml"
+TINY = """\
+  model: tiny
+  trainer.max_steps: 4
+  trainer.val_check_interval: 2
+  trainer.limit_val_batches: 1
+  trainer.log_every_n_steps: 2
+  run.expert_log_every_n_steps: 2
+  optim.warmup_steps: 1
+  data.seq_len: 32
+  data.batch_size: 4
+  data.max_chars: 50000
+  run.sample_tokens: 0
+"""
+
+
+def write_sweep(tmp_path: Path, body: str, name: str = "sweep.yaml") -> Path:
+    path = tmp_path / name
+    path.write_text(body)
+    return path
+
+
+@pytest.fixture(scope="module")
+def finished_sweep(tmp_path_factory) -> tuple[Path, object]:
+    """A two-point grid (1 and 2 experts, top-1), active-parameter matched, trained once for the module."""
+    root = tmp_path_factory.mktemp("sweep")
+    path = write_sweep(root, f"""\
+base: {DEFAULT}
+sweep_dir: {root}/out
+overrides:
+{TINY}  data.cache_dir: {root}/cache
+grid:
+  model.num_local_experts: [1, 2]
+  model.num_experts_per_tok: [1, 2]
+match_active_params: true
+""")
+    return path, run_sweep(path)
+
+
+def test_grid_sweep_writes_csv_markdown_and_plot(finished_sweep):
+    _, result = finished_sweep
+    assert result.ran == ["e1_k1", "e2_k1", "e2_k2"] and result.skipped == []  # e1_k2 (top-2 of 1 expert) left out
+    assert [row["name"] for row in result.rows] == result.ran
+    assert read_results(result.sweep_dir) == result.rows  # the CSV round-trips with its types
+    for row in result.rows:
+        assert row["tokens"] == 4 * 4 * 32 and math.isfinite(row["val_loss"])
+        assert row["val_ppl"] == pytest.approx(math.exp(row["val_loss"]), rel=1e-4)
+        assert 1.0 <= row["imbalance"] <= row["num_local_experts"] and 0.0 <= row["dead_fraction"] <= 1.0
+        assert abs(relative_gap(row["params_active"], result.rows[0]["params_active"])) <= 0.02
+    markdown = result.md_path.read_text()
+    assert "| e2_k2 |" in markdown and "num_local_experts=2" in markdown and "val ppl" in markdown
+    assert result.plot_path.stat().st_size > 10_000  # a real PNG
+    assert "trained 3, skipped 0" in format_table(result)
+
+
+def test_rerun_skips_finished_points(finished_sweep):
+    path, first = finished_sweep
+    metrics = [Path(row["run_dir"]) / "metrics.json" for row in first.rows]
+    stamps = [p.stat().st_mtime_ns for p in metrics]
+    again = run_sweep(path)
+    assert again.ran == [] and again.skipped == ["e1_k1", "e2_k1", "e2_k2"]
+    assert [p.stat().st_mtime_ns for p in metrics] == stamps
+    assert again.rows == first.rows
+
+
+def test_a_changed_point_config_is_not_mixed_with_an_old_run(finished_sweep):
+    path, _ = finished_sweep
+    with pytest.raises(ConfigError, match=r"holds a run with trainer\.max_steps=4, point e1_k1 now has 5"):
+        run_sweep(path, ["trainer.max_steps=5"])
+
+
+def test_only_trains_the_named_points_and_sweep_dir_moves_the_sweep(finished_sweep, tmp_path):
+    path, _ = finished_sweep
+    spec = load_sweep(path, [f"sweep_dir={tmp_path}/elsewhere", "only=e2_k1"])
+    assert spec.only == ("e2_k1",) and spec.sweep_dir == tmp_path / "elsewhere"
+    assert {point.config.run.output_dir for point in plan_sweep(spec)} == {str(tmp_path / "elsewhere")}
+
+
+SHIPPED_GRIDS = {
+    "ablate_experts": {(e, k) for e in (1, 2, 4, 8, 16) for k in (1, 2) if k <= e},
+    "ablate_experts_smoke": {(1, 1), (2, 2), (4, 2), (8, 2)},
+}
+
+
+@pytest.mark.parametrize("name", sorted(SHIPPED_GRIDS))
+def test_shipped_ablations_match_active_parameters_at_equal_tokens(name):
+    points = {point.name: point for point in plan_sweep(load_sweep(REPO / f"experiments/{name}.yaml"))}
+    assert {(p.config.model.num_local_experts, p.config.model.num_experts_per_tok) for p in points.values()} == SHIPPED_GRIDS[name]
+    reference = points["e8_k2"].params["active"]
+    for point in points.values():
+        assert abs(relative_gap(point.params["active"], reference)) <= 0.02, format_plan(list(points.values()))
+    dense = points["dense"]
+    assert (dense.config.model.num_local_experts, dense.config.model.num_experts_per_tok) == (1, 1)
+    assert dense.params["total"] == dense.params["active"]
+    tokens = {(p.config.trainer.max_steps, p.config.data.batch_size, p.config.data.seq_len) for p in points.values()}
+    assert len(tokens) == 1
+    assert {p.config.data.source for p in points.values()} == {"stdlib"}
+
+
+@pytest.mark.parametrize("experts,top_k", [(1, 1), (4, 1), (16, 2), (64, 4)])
+def test_matched_intermediate_size_is_within_one_step(experts, top_k):
+    reference = JetMoeConfig.from_name("small")
+    target = reference.num_parameters()["active"]
+    config = reference.replace(num_local_experts=experts, num_experts_per_tok=top_k)
+    size = matched_intermediate_size(config, target, multiple_of=8)
+    assert size % 8 == 0
+    step = 8 * 3 * config.hidden_size * top_k * config.num_hidden_layers  # active params per 8 hidden units
+    assert abs(config.replace(intermediate_size=size).num_parameters()["active"] - target) <= step / 2
+
+
+BAD_SWEEPS = [
+    ("grid: {{model.num_local_experts: [1]}}\n", "sweep.yaml: base must name"),
+    ("base: nowhere.yaml\ngrid: {{model.num_local_experts: [1]}}\n", "sweep.yaml: base: nowhere.yaml not found"),
+    ("base: {default}\ngird: {{model.num_local_experts: [1]}}\n", "sweep.yaml: unknown key 'gird'"),
+    ("base: {default}\n", "sweep.yaml: needs a 'grid'"),
+    ("base: {default}\ngrid: {{model.num_local_experts: 2}}\n", "sweep.yaml: grid.model.num_local_experts must be a non-empty list"),
+    ("base: {default}\ngrid: {{model.num_expert: [2]}}\n", "sweep.yaml: point num_expert2: unknown key 'model.num_expert'"),
+    ("base: {default}\npoints: [{{overrides: {{}}}}]\n", "sweep.yaml: points[0]: needs a 'name'"),
+    ("base: {default}\npoints: [{{name: a, override: {{}}}}]\n", "sweep.yaml: points[0]: unknown key 'override'"),
+    ("base: {default}\npoints: [{{name: a}}, {{name: a}}]\n", "sweep.yaml: two points are named 'a'"),
+    ("base: {default}\npoints: [{{name: a, overrides: 3}}]\n", "sweep.yaml: points[0].overrides must be a mapping"),
+    ("base: {default}\noverrides: [trainer.max_steps]\npoints: [{{name: a}}]\n", "sweep.yaml: overrides: 'trainer.max_steps' is not"),
+    ("base: {default}\noverrides: {{optim.lr: fast}}\npoints: [{{name: a}}]\n", "sweep.yaml: overrides: 'optim.lr' expects float"),
+    ("base: {default}\noverrides: {{run.name: x}}\npoints: [{{name: a}}]\n", "sweep.yaml: overrides: run.name is set by the sweep"),
+    ("base: {default}\npoints: [{{name: a}}]\nmatch_active_params: {{reference: b}}\n",
+     "sweep.yaml: match_active_params.reference: no point named 'b'"),
+    ("base: {default}\npoints: [{{name: a}}]\nmatch_active_params: {{tolerance: 2}}\n",
+     "sweep.yaml: match_active_params.tolerance must be"),
+    ("base: {default}\npoints: [{{name: a}}]\nmatch_active_params: {{refrence: a}}\n",
+     "sweep.yaml: match_active_params: unknown key 'refrence'"),
+    ("base: {default}\npoints: [{{name: a, overrides: {{model.intermediate_size: 64}}}}]\nmatch_active_params: true\n",
+     "sweep.yaml: point a: model.intermediate_size is chosen by match_active_params"),
+    ("base: {default}\npoints: [{{name: a, overrides: {{model.num_experts_per_tok: 9}}}}]\n",
+     "sweep.yaml: point a: model.num_experts_per_tok (9) must be <="),
+    ("base: {default}\npoints: [{{name: a}}, {{name: b, overrides: {{model.num_local_experts: 16, model.num_experts_per_tok: 16}}}}]\n"
+     "match_active_params: {{reference: a}}\n", "sweep.yaml: match_active_params: point b gets"),  # attention alone is too big
+    ("base: {default}\ngrid: [1, 2\n", "sweep.yaml: invalid YAML"),
+]
+
+
+@pytest.mark.parametrize("body,message", BAD_SWEEPS)
+def test_bad_sweep_files_name_the_file_and_key(tmp_path, monkeypatch, body, message):
+    monkeypatch.chdir(tmp_path)
+    path = write_sweep(tmp_path, body.format(default=DEFAULT))
+    with pytest.raises(ConfigError) as err:
+        plan_sweep(load_sweep(path))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("override,message", [
+    ("only=a,zz", "command line: only: no point named 'zz'"),
+    ("model.num_expert=2", "command line: unknown key 'model.num_expert'"),
+    ("run.output_dir=x", "command line: run.output_dir is set by the sweep"),
+])
+def test_bad_command_line_overrides_blame_the_command_line(tmp_path, override, message):
+    path = write_sweep(tmp_path, f"base: {DEFAULT}\npoints: [{{name: a}}]\n")
+    with pytest.raises(ConfigError, match=message):
+        load_sweep(path, [override])
