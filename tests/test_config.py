@@ -31,7 +31,7 @@ def test_defaults_match_transformers():
         ({"rms_norm_eps": 0.0}, "rms_norm_eps must be a positive number"),
         ({"aux_loss_coef": -1.0}, "aux_loss_coef must be a non-negative number"),
         ({"attention_dropout": 1.5}, "attention_dropout must be in [0, 1)"),
-        ({"eos_token_id": 10**6}, "eos_token_id must be in [0, vocab_size=32000)"),
+        ({"eos_token_id": 10**6}, "eos_token_id must be an integer in [0, vocab_size=32000)"),
         ({"expert_impl": "fast"}, "expert_impl must be one of"),
     ],
 )

@@ -139,6 +139,8 @@ def trace_routing(model: JetMoeForCausalLM, tokenizer: Tokenizer, text: str, win
     """Route ``text`` (its first ``max_tokens`` tokens) through ``model`` in windows of ``window`` tokens."""
     encoding = tokenizer.encode(text, add_special_tokens=False)
     ids, offsets = encoding.ids[:max_tokens], encoding.offsets[:max_tokens]
+    if not ids:
+        raise ValueError("trace_routing: the text has no tokens")
     window = min(window, model.config.max_position_embeddings)
     model.eval()
     per_window = [

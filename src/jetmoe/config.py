@@ -59,12 +59,13 @@ class JetMoeConfig:
 
     def __post_init__(self) -> None:
         if self.rope_parameters is not None:  # transformers >= 5 spelling
-            self.rope_theta = float(self.rope_parameters.get("rope_theta", self.rope_theta))
+            self.rope_theta = self.rope_parameters.get("rope_theta", self.rope_theta)
             rope_type = self.rope_parameters.get("rope_type", "default")
             if rope_type != "default":
                 raise ValueError(f"rope_parameters.rope_type must be 'default', got {rope_type!r}")
-        self.rope_parameters = {"rope_theta": float(self.rope_theta), "rope_type": "default"}
         self.validate()
+        self.rope_theta = float(self.rope_theta)
+        self.rope_parameters = {"rope_theta": self.rope_theta, "rope_type": "default"}
 
     # ------------------------------------------------------------------ derived
     @property
@@ -101,21 +102,22 @@ class JetMoeConfig:
             raise ValueError(f"problem_type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}")
         for name in ("aux_loss_coef", "router_z_loss_coef"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
-        if not 0.0 <= self.attention_dropout < 1.0:
-            raise ValueError(f"attention_dropout must be in [0, 1), got {self.attention_dropout!r}")
-        for name in ("bos_token_id", "pad_token_id"):
-            value = getattr(self, name)
-            if value is not None and not 0 <= value < self.vocab_size:
-                raise ValueError(f"{name} must be in [0, vocab_size={self.vocab_size}), got {value!r}")
-        for eos in self.eos_token_ids:
-            if not 0 <= eos < self.vocab_size:
-                raise ValueError(f"eos_token_id must be in [0, vocab_size={self.vocab_size}), got {eos!r}")
+        dropout = self.attention_dropout
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+            raise ValueError(f"attention_dropout must be in [0, 1), got {dropout!r}")
+        ids = [("bos_token_id", self.bos_token_id), ("pad_token_id", self.pad_token_id)]
+        ids += [("eos_token_id", eos) for eos in self.eos_token_ids]
+        for name, value in ids:
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size
+            ):
+                raise ValueError(f"{name} must be an integer in [0, vocab_size={self.vocab_size}), got {value!r}")
 
     @property
     def eos_token_ids(self) -> list[int]:
