@@ -85,8 +85,8 @@ class JetMoeLitModule(L.LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:
         out = self(batch)
         self.tokens_seen += batch["input_ids"].numel() * self.trainer.world_size  # equal packed shapes per rank
-        self.loss_terms = {"train/loss": out.loss, "train/ce": out.ce_loss, "train/aux": out.aux_loss,
-                           "train/z": out.z_loss}  # checked by NonFiniteGuard before the optimizer step
+        self.loss_terms = {"train/loss": out.loss.detach(), "train/ce": out.ce_loss.detach(),
+                           "train/aux": out.aux_loss.detach(), "train/z": out.z_loss.detach()}  # for NonFiniteGuard
         # sync_dist: the mean over ranks (a no-op on one process)
         self.log("train/loss", out.loss, prog_bar=True, sync_dist=True)
         self.log_dict({"train/ce": out.ce_loss, "train/aux": out.aux_loss, "train/z": out.z_loss}, sync_dist=True)
