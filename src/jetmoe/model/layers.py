@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from jetmoe.model.ops import rms_norm, rotary
+from jetmoe.model.ops import rotary
 
 
 class RMSNorm(nn.Module):
@@ -21,7 +21,9 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x_BTD, self.weight, self.eps)
+        x32_BTD = x_BTD.float()
+        x32_BTD = x32_BTD * torch.rsqrt(x32_BTD.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x32_BTD.to(x_BTD.dtype)
 
 
 class RotaryEmbedding(nn.Module):

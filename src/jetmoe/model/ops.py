@@ -264,36 +264,6 @@ def glu(h_M2F: torch.Tensor, activation) -> torch.Tensor:
     return activation(gate_MF) * up_MF
 
 
-# ----------------------------------------------------------------------------- RMSNorm
-
-
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, eps):
-        x32 = x.float()
-        rstd = torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps)
-        ctx.save_for_backward(x, w, rstd)
-        xhat = (x32 * rstd).to(x.dtype)
-        return xhat.mul_(w) if torch.promote_types(xhat.dtype, w.dtype) == xhat.dtype else xhat * w
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, w, rstd = ctx.saved_tensors
-        xhat32 = x.float() * rstd
-        dw = (dy * xhat32.to(x.dtype)).flatten(0, -2).sum(0)
-        # dx = rstd * (dxhat - xhat * mean(dxhat * xhat)), in fp32
-        dxhat32 = (dy * w).float()
-        mean_N1 = torch.linalg.vecdot(dxhat32, xhat32).unsqueeze(-1) / x.shape[-1]
-        dx32 = dxhat32.sub_(xhat32.mul_(mean_N1)).mul_(rstd)
-        return dx32.to(x.dtype), dw.to(w.dtype), None
-
-
-def rms_norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
-    """`w * (x * rsqrt(mean(x^2) + eps))` normalised in fp32 and cast back before the scale (transformers'
-    JetMoeRMSNorm), with a backward that saves only x and the per-row scale and reuses its buffers."""
-    return _RMSNorm.apply(x, w, eps)
-
-
 # ----------------------------------------------------------------------------- rotary embeddings
 
 
