@@ -8,21 +8,24 @@ Writes `<out-dir>/latest.json` and `<out-dir>/latest.md` (default `bench/results
 also writes the markdown to `bench/RESULTS.md`.
 
 What is measured (ours = `jetmoe`, theirs = transformers with SDPA attention):
-- training step tokens/s (forward + backward of CE + aux loss, `zero_grad(set_to_none=True)`): fp32 eager,
+- training step tokens/s (forward + backward of CE + aux loss, `zero_grad(set_to_none=True)`; wall time, median
+  of interleaved runs after a warm-up): fp32 eager,
   bf16 eager (both models cast to bf16), ours under `torch.compile`. Ours uses `skip_logits=True` (CE fused with
   the LM head, logits never materialised); transformers returns logits, as it has no such option.
 - forward tokens/s (eval, no grad, logits returned by both).
 - decode tokens/s at batch 1 and 8: `generate` greedy with a fixed number of new tokens (EOS disabled), prompt
   included; ours with the dynamic cache (eager) and with the static cache + compiled step.
 - the decode bound: the plain chain of matrix products one decode step needs (per layer the KV projection, the
-  routers, and the query/output and MLP weights of every expert the step's tokens chose; the LM head), timed in
-  the same run with `F.linear`; decode tokens/s are reported as a share of the chain's tokens/s.
+  routers, and the query/output and MLP weights of every expert the step's tokens chose; the LM head), run with
+  `F.linear` for as many steps, interleaved with the decode runs; decode tokens/s (prompt included) are reported
+  as a share of the chain's tokens/s.
 - peak memory of a training step: peak RSS minus RSS just before the step, in a fresh subprocess per
   measurement (after one warm-up step; glibc told to return freed blocks >= 64 KiB, so RSS follows live memory);
   and the saving of gradient checkpointing (ours; transformers' JetMoe does not support it).
 - achieved FLOP/s and MFU against the best GEMM FLOP/s measured in the same run on the bench's shapes.
 - scaling: training tokens/s with 8, 32, 64 experts at constant active parameters (top-k and expert size fixed,
-  so total parameters grow with the experts).
+  so total parameters grow with the experts), each model in a fresh process (its allocator steady state); ours
+  in two rounds over 8, 32, 64 experts, median of the pooled steps.
 """
 
 from __future__ import annotations
@@ -250,10 +253,10 @@ def bench_training(args, device, results) -> None:
 # ----------------------------------------------------------------------------- decoding
 
 
-def decode_chain(model: JetMoeForCausalLM, batch: int, prompt_ids: torch.Tensor, iters: int) -> dict[str, Any]:
-    """Time the plain chain of `F.linear` calls one decode step needs: per layer the KV projection, both routers,
-    and for every expert a token of the step chose, its query/output (MoA) and input/output (MoE) weights applied
-    to the rows routed to it; then the LM head. The experts are those of a real decode step of the model."""
+def decode_chain(model: JetMoeForCausalLM, batch: int, prompt_ids: torch.Tensor) -> tuple[Callable[[], None], dict]:
+    """The plain chain of `F.linear` calls one decode step needs: per layer the KV projection, both routers, and
+    for every expert a token of the step chose, its query/output (MoA) and input/output (MoE) weights applied to
+    the rows routed to it; then the LM head. The experts are those of a real decode step of the model."""
     chosen: list[torch.Tensor] = []
     hooks = [
         m.register_forward_hook(lambda mod, inp, out: chosen.append(out.experts_Nk.flatten().cpu()))
@@ -268,7 +271,7 @@ def decode_chain(model: JetMoeForCausalLM, batch: int, prompt_ids: torch.Tensor,
     finally:
         for h in hooks:
             h.remove()
-    device, dtype, D = model.device, model.dtype, model.config.hidden_size
+    device, dtype = model.device, model.dtype
     mats: list[tuple[torch.Tensor, int]] = []  # (weight [out, in], rows)
     experts_touched = []
     for i, layer in enumerate(model.model.layers):
@@ -285,16 +288,14 @@ def decode_chain(model: JetMoeForCausalLM, batch: int, prompt_ids: torch.Tensor,
     mats.append((model.lm_head.weight, batch))
     inputs = [torch.randn(rows, w.shape[1], device=device, dtype=dtype) for w, rows in mats]
 
+    @torch.no_grad()
     def chain() -> None:
         for (w, _), x in zip(mats, inputs):
             F.linear(x, w)
 
-    with torch.no_grad():
-        times = time_interleaved({"chain": chain}, iters=iters, warmup=3, device=device)["chain"]
-    weight_bytes = sum(w.numel() * w.element_size() for w, _ in mats)
-    t = median(times)
-    return {"seconds_per_step": t, "tokens_per_s": batch / t, "weight_bytes": weight_bytes, "matmuls": len(mats),
-            "weight_bytes_per_s": weight_bytes / t, "mean_experts_touched_per_router": statistics.mean(experts_touched)}
+    info = {"weight_bytes": sum(w.numel() * w.element_size() for w, _ in mats), "matmuls": len(mats),
+            "mean_experts_touched_per_router": statistics.mean(experts_touched)}
+    return chain, info
 
 
 def bench_decode(args, device, results) -> None:
@@ -328,7 +329,9 @@ def bench_decode(args, device, results) -> None:
             static()
             compile_s = time.perf_counter() - start
             fns["ours_static_compiled"] = run("ours_static_compiled", static)
-        log(f"decode batch {batch}: {n} new tokens")
+        chain, chain_info = decode_chain(ours, batch, ids)
+        fns["chain"] = lambda: [chain() for _ in range(n)]  # n steps' worth, timed alongside
+        log(f"decode batch {batch}: {n} new tokens (and the weights-only chain)")
         with torch.no_grad():
             times = time_interleaved(fns, args.iters, 1, device)
         tokens = batch * n
@@ -341,7 +344,7 @@ def bench_decode(args, device, results) -> None:
         if "ours_static_compiled" in times:
             results.add(f"decode_b{batch}_static_compiled",
                         f"decode tokens/s, batch {batch} (ours static cache + compiled step)",
-                        tokens / median(times["ours_static_compiled"]), tokens / t_theirs, "tokens/s", times=times,
+                        tokens / median(times["ours_static_compiled"]), tokens / t_theirs, "tokens/s",
                         extra={"same_tokens_as_theirs": same.get("ours_static_compiled"), "compile_s": compile_s})
             if median(times["ours_static_compiled"]) < median(times["ours_dynamic"]):
                 best = "ours_static_compiled"
@@ -351,12 +354,13 @@ def bench_decode(args, device, results) -> None:
         best_tps = tokens / median(times[best])
         results.add(f"decode_b{batch}", f"decode tokens/s, batch {batch} (ours best: {best.removeprefix('ours_')})",
                     best_tps, tokens / t_theirs, "tokens/s")
-        log(f"decode batch {batch}: weights-only chain")
-        chain = decode_chain(ours, batch, ids, iters=max(5, 4 * args.iters))
+        t_chain = median(times["chain"])
+        chain_info.update(tokens_per_s=tokens / t_chain, seconds_per_step=t_chain / n,
+                          weight_bytes_per_s=chain_info["weight_bytes"] * n / t_chain)
         results.add(f"decode_b{batch}_chain_share",
                     f"decode tokens/s as a share of the weights-only chain, batch {batch} (ours best)",
-                    best_tps / chain["tokens_per_s"], (tokens / t_theirs) / chain["tokens_per_s"], "share",
-                    ratio=best_tps / chain["tokens_per_s"], extra={"chain": chain})
+                    best_tps / chain_info["tokens_per_s"], (tokens / t_theirs) / chain_info["tokens_per_s"], "share",
+                    ratio=best_tps / chain_info["tokens_per_s"], extra={"chain": chain_info})
     del ours, theirs
     gc.collect()
 
@@ -423,15 +427,15 @@ def bench_memory(args, device, results) -> None:
     log(f"peak training-step memory ({len(groups)} fresh subprocess(es))")
     procs = []
     for names in groups:
-        payload = json.dumps([dict(specs[name], name=name, **common) for name in names])
-        cmd = [sys.executable, __file__, "--memory-worker", payload]
-        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True))
+        payload = json.dumps([dict(specs[name], task="memory", **common) for name in names])
+        cmd = [sys.executable, __file__, "--worker", payload]
+        procs.append((names, subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, text=True)))
     measured = {}
-    for proc in procs:
+    for names, proc in procs:
         out, _ = proc.communicate()
         if proc.returncode != 0:
             raise RuntimeError(f"memory worker failed (exit code {proc.returncode})")
-        measured.update(json.loads(out.strip().splitlines()[-1]))
+        measured.update(zip(names, json.loads(out.strip().splitlines()[-1])))
     mib = 2**20
     results.add("train_peak_memory", "peak memory of a training step (MiB, fp32; ratio = ours / theirs)",
                 measured["ours"]["peak_bytes"] / mib, measured["theirs"]["peak_bytes"] / mib, "MiB",
@@ -448,26 +452,50 @@ def bench_memory(args, device, results) -> None:
 # ----------------------------------------------------------------------------- scaling
 
 
+def throughput_worker(spec: dict[str, Any]) -> dict[str, Any]:
+    """Consecutive training steps of one model in this (fresh) process: its steady state, the allocator holding
+    only this model's buffers (interleaving models of very different sizes in one process would make each pay
+    for the other's page faults)."""
+    torch.set_num_threads(spec["threads"])
+    device = torch.device(spec["device"])
+    config = make_config(spec["preset"], num_local_experts=spec["experts"])
+    B, T = PRESETS[spec["preset"]]["batch"], PRESETS[spec["preset"]]["seq"]
+    torch.manual_seed(0)
+    model = JetMoeForCausalLM(config).to(device).train()
+    if spec["who"] == "theirs":
+        model = hf_twin(model).train()
+    ids = torch.randint(0, config.vocab_size, (B, T), device=device)
+    times = time_interleaved({"step": train_step_fn(model, ids, spec["who"] == "ours")}, spec["iters"],
+                             spec["warmup"], device)["step"]
+    return {"times": times}
+
+
 def bench_scaling(args, device, results) -> None:
+    """Each (library, experts) in its own subprocess, one after the other. transformers' per-expert loop makes a
+    step with many experts very slow (every expert's weight slice allocates a full-size gradient), so it gets
+    one round, and one step without warm-up beyond 8 experts."""
     B, T = PRESETS[args.config]["batch"], PRESETS[args.config]["seq"]
     tokens = B * T
-    tps: dict[int, dict[str, float]] = {}
+    tps: dict[int, dict[str, Any]] = {}
+
+    def measure(who: str, experts: int, iters: int, warmup: int) -> list[float]:
+        log(f"scaling: {who}, {experts} experts ({warmup} warm-up + {iters} steps, fresh process)")
+        spec = dict(task="throughput", who=who, experts=experts, preset=args.config, device=str(device),
+                    threads=torch.get_num_threads(), iters=iters, warmup=warmup)
+        return run_worker([spec])[0]["times"]
+
     for experts in SCALING_EXPERTS:
         config = make_config(args.config, num_local_experts=experts)
-        torch.manual_seed(0)
-        ours = JetMoeForCausalLM(config).to(device).train()
-        theirs = hf_twin(ours).train()
-        ids = torch.randint(0, config.vocab_size, (B, T), device=device)
-        log(f"scaling: {experts} experts")
-        # transformers' per-expert loop makes a step with many experts very slow (each expert's weight slice
-        # allocates a full-size gradient): one warm-up-free step for it, the usual iterations for ours.
-        t_ours = time_interleaved({"ours": train_step_fn(ours, ids, True)}, max(1, args.iters - 1), 1, device)
-        t_theirs = time_interleaved({"theirs": train_step_fn(theirs, ids, False)}, 1, 0 if experts > 8 else 1, device)
-        tps[experts] = {"ours": tokens / median(t_ours["ours"]), "theirs": tokens / median(t_theirs["theirs"]),
-                        "total_params": config.num_parameters()["total"],
-                        "active_params": config.num_parameters()["active"]}
-        del ours, theirs
-        gc.collect()
+        tps[experts] = {"total_params": config.num_parameters()["total"],
+                        "active_params": config.num_parameters()["active"], "ours_times_s": []}
+    for _ in range(2):  # two rounds, so that a burst of load on a shared machine does not hit one size only
+        for experts in SCALING_EXPERTS:
+            tps[experts]["ours_times_s"] += measure("ours", experts, max(1, args.iters - 1), 2)
+    for experts in SCALING_EXPERTS:
+        iters, warmup = (1, 0) if experts > 8 else (max(1, args.iters - 1), 1)
+        tps[experts]["theirs_times_s"] = measure("theirs", experts, iters, warmup)
+        for who in ("ours", "theirs"):
+            tps[experts][who] = tokens / median(tps[experts][f"{who}_times_s"])
     for experts in SCALING_EXPERTS[1:]:
         results.add(
             f"scaling_{experts}_experts",
@@ -475,6 +503,15 @@ def bench_scaling(args, device, results) -> None:
             tps[experts]["ours"], tps[experts]["theirs"], "tokens/s", ratio=tps[experts]["ours"] / tps[8]["ours"],
             extra={"theirs_vs_theirs_8": tps[experts]["theirs"] / tps[8]["theirs"], "per_experts": tps},
         )
+
+
+def run_worker(specs: list[dict[str, Any]], env: dict[str, str] | None = None) -> list[dict[str, Any]]:
+    """Run `specs` in one fresh Python process (this file with --worker); returns their results in order."""
+    cmd = [sys.executable, __file__, "--worker", json.dumps(specs)]
+    proc = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"worker failed (exit code {proc.returncode}): {specs}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 # ----------------------------------------------------------------------------- results
@@ -608,7 +645,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated subset of gemm,train,decode,memory,scaling")
     p.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
     p.add_argument("--publish", action="store_true", help="also write the markdown to bench/RESULTS.md")
-    p.add_argument("--memory-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.iters is None:
         args.iters = 1 if args.quick else 3
@@ -619,8 +656,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.memory_worker is not None:
-        print(json.dumps({spec["name"]: memory_worker(spec) for spec in json.loads(args.memory_worker)}))
+    if args.worker is not None:
+        workers = {"memory": memory_worker, "throughput": throughput_worker}
+        print(json.dumps([workers[spec["task"]](spec) for spec in json.loads(args.worker)]))
         return 0
     import transformers
 

@@ -59,3 +59,18 @@ def test_matches_transformers_function(top_k):
         ours = load_balancing_loss(logits, top_k, m)
         theirs = mixtral.load_balancing_loss_func(logits, 6, top_k, m)
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+
+
+def test_per_router_balance_sees_offsetting_imbalance():
+    # Two routers collapsed onto different experts: averaged over routers first (transformers) they look
+    # half balanced; per router (the JetMoE paper) each is fully collapsed.
+    to_0 = torch.tensor([[10.0, 0.0]]).repeat(8, 1)
+    to_1 = torch.tensor([[0.0, 10.0]]).repeat(8, 1)
+    assert load_balancing_loss([to_0, to_1], top_k=1) < 1.01
+    assert load_balancing_loss([to_0, to_1], top_k=1, per_router=True) > 1.99  # ~E
+    # One router: the two definitions agree; per router is the mean of each router's own loss.
+    logits = [torch.randn(12, 4) for _ in range(3)]
+    mask = torch.tensor([1] * 9 + [0] * 3)
+    torch.testing.assert_close(load_balancing_loss(logits[:1], 2, mask), load_balancing_loss(logits[:1], 2, mask, True))
+    mean_of_each = torch.stack([load_balancing_loss([each], 2, mask) for each in logits]).mean()
+    torch.testing.assert_close(load_balancing_loss(logits, 2, mask, per_router=True), mean_of_each)

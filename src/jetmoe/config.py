@@ -25,8 +25,9 @@ class JetMoeConfig:
     """Configuration of a JetMoE model.
 
     Field names and defaults are those of `transformers.JetMoeConfig`, so a `config.json` written by either
-    library loads in the other. Beyond HF: `router_z_loss_coef` (0 keeps numbers HF-identical), `expert_impl`,
-    `num_labels` / `problem_type` (sequence classification).
+    library loads in the other. Beyond HF: `router_z_loss_coef` (0 keeps numbers HF-identical),
+    `aux_loss_per_router` (the JetMoE paper's per-router load balancing; False keeps transformers' loss over all
+    routers), `expert_impl`, `num_labels` / `problem_type` (sequence classification).
     """
 
     vocab_size: int = 32000
@@ -52,6 +53,7 @@ class JetMoeConfig:
     attention_dropout: float = 0.0
     # Beyond transformers.
     router_z_loss_coef: float = 0.0
+    aux_loss_per_router: bool = False
     expert_impl: str = "auto"
     num_labels: int = 2
     problem_type: str | None = None
@@ -108,6 +110,8 @@ class JetMoeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+        if not isinstance(self.aux_loss_per_router, bool):
+            raise ValueError(f"aux_loss_per_router must be true or false, got {self.aux_loss_per_router!r}")
         dropout = self.attention_dropout
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ValueError(f"attention_dropout must be in [0, 1), got {dropout!r}")

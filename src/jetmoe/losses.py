@@ -33,13 +33,17 @@ def _token_weights(router_logits: Sequence[torch.Tensor], mask_N: torch.Tensor |
 
 
 def load_balancing_loss(
-    router_logits: Sequence[torch.Tensor], top_k: int, mask_N: torch.Tensor | None = None
+    router_logits: Sequence[torch.Tensor], top_k: int, mask_N: torch.Tensor | None = None, per_router: bool = False
 ) -> torch.Tensor:
-    """Switch/Mixtral load-balancing loss over all routers, exactly as `transformers` computes it for JetMoe.
+    """Switch/Mixtral load-balancing loss E · Σ_e f_e · P_e, equal to k when routing is uniform.
 
-    `router_logits`: one `[N, E]` tensor per router. The token fraction f_e (share of the N·k top-k assignments
-    that go to expert e) and the mean router probability P_e are averaged over every router first; the loss is
-    E · Σ_e f_e · P_e, equal to k when routing is uniform. Tokens with `mask_N == 0` (padding) are excluded.
+    `router_logits`: one `[N, E]` tensor per router; f_e is the share of the N·k top-k assignments that go to
+    expert e, P_e the mean router probability of e. Tokens with `mask_N == 0` (padding) are excluded.
+
+    - `per_router=False` (transformers' JetMoe, exactly): f and P are averaged over every router first, then
+      multiplied, so one router's imbalance can be offset by another's.
+    - `per_router=True` (the JetMoE paper): the loss of each router on its own, averaged over routers; it is
+      k only when every router is balanced.
     """
     num_experts = router_logits[0].shape[-1]
     w_N = _token_weights(router_logits, mask_N)
@@ -47,10 +51,11 @@ def load_balancing_loss(
     probs_RNE = logits_RNE.softmax(dim=-1)
     selected_RNk = logits_RNE.topk(top_k, dim=-1).indices
     assign_RNE = torch.zeros_like(probs_RNE).scatter_(-1, selected_RNk, 1.0)
-    rows = w_N.sum() * len(router_logits)
-    tokens_per_expert_E = torch.einsum("rne,n->e", assign_RNE, w_N) / rows
-    prob_per_expert_E = torch.einsum("rne,n->e", probs_RNE, w_N) / rows
-    return num_experts * torch.sum(tokens_per_expert_E * prob_per_expert_E)
+    tokens_per_expert_RE = torch.einsum("rne,n->re", assign_RNE, w_N) / w_N.sum()
+    prob_per_expert_RE = torch.einsum("rne,n->re", probs_RNE, w_N) / w_N.sum()
+    if per_router:
+        return num_experts * torch.sum(tokens_per_expert_RE * prob_per_expert_RE, dim=-1).mean()
+    return num_experts * torch.sum(tokens_per_expert_RE.mean(0) * prob_per_expert_RE.mean(0))
 
 
 def router_z_loss(router_logits: Sequence[torch.Tensor], mask_N: torch.Tensor | None = None) -> torch.Tensor:

@@ -21,7 +21,7 @@ ROWS = {
 def test_bench_quick_tiny_writes_all_rows(tmp_path):
     cmd = [sys.executable, str(ROOT / "bench" / "bench_vs_transformers.py"), "--config", "tiny", "--quick",
            "--threads", "1", "--out-dir", str(tmp_path)]
-    subprocess.run(cmd, cwd=ROOT, check=True, timeout=120, capture_output=True, text=True)
+    subprocess.run(cmd, cwd=ROOT, check=True, timeout=600, capture_output=True, text=True)
     result = json.loads((tmp_path / "latest.json").read_text())
     rows = {row["name"]: row for row in result["rows"]}
     assert ROWS <= set(rows)
@@ -32,3 +32,18 @@ def test_bench_quick_tiny_writes_all_rows(tmp_path):
     assert result["gemm_peak"]["float32"]["flops_per_s"] > 0
     markdown = (tmp_path / "latest.md").read_text()
     assert "| metric | ours | transformers | ratio | target | met |" in markdown
+
+
+def test_expert_callback_bench_times_both_sides(tmp_path):
+    tiny = ["model=tiny", "data.seq_len=32", "data.batch_size=4", "data.max_chars=100000", "optim.warmup_steps=1",
+            "trainer.val_check_interval=2", "trainer.limit_val_batches=1", "trainer.log_every_n_steps=2",
+            "run.expert_log_every_n_steps=2", f"data.cache_dir={tmp_path}/cache"]
+    cmd = [sys.executable, str(ROOT / "bench" / "bench_expert_callback.py"), "--steps", "4", "--rounds", "1",
+           "--out-dir", str(tmp_path), str(ROOT / "experiments" / "default.yaml"), *tiny]
+    subprocess.run(cmd, cwd=tmp_path, check=True, timeout=600, capture_output=True, text=True)
+    result = json.loads((tmp_path / "expert_callback.json").read_text())
+    assert len(result["tokens_per_s"]["on"]) == len(result["tokens_per_s"]["off"]) == 1
+    assert result["median_on"] > 0 and result["median_off"] > 0
+    assert result["slowdown"] == pytest.approx(1 - result["tokens_per_s"]["on"][0] / result["tokens_per_s"]["off"][0])
+    assert 0 < result["hook_shares"][0] < 1  # the callback's hooks ran, inside the timed fit
+    assert "Slowdown with the callback" in (tmp_path / "expert_callback.md").read_text()

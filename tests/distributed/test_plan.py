@@ -20,29 +20,31 @@ from jetmoe.model import ops
 PLAN = dict(seq_len=4096, global_batch_tokens=4 * 2**20, micro_batch_size=1, gpus=96, gpu_memory_gb=80)
 
 
-def live_bytes_after_forward(model: torch.nn.Module, ids: torch.Tensor) -> int:
+def live_bytes_after_forward(model: torch.nn.Module, ids: torch.Tensor, skip_logits: bool) -> int:
     """Net bytes the CPU allocator hands out during the forward and still holds at its end (what autograd
     keeps for backward, plus the outputs), from the profiler's allocation records."""
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        out = model(ids, labels=ids)
+        out = model(ids, labels=ids, skip_logits=skip_logits)
     del out
     return sum(event.self_cpu_memory_usage for event in prof.events())
 
 
 @pytest.mark.parametrize(
-    ("dtype", "checkpointing"), [(torch.float32, "none"), (torch.float32, "full"), (torch.bfloat16, "none")]
+    ("dtype", "checkpointing", "skip_logits"),
+    [(torch.float32, "none", False), (torch.float32, "none", True), (torch.float32, "full", True),
+     (torch.bfloat16, "none", True)],
 )
-def test_activation_estimate_matches_the_measured_forward(dtype, checkpointing, monkeypatch):
+def test_activation_estimate_matches_the_measured_forward(dtype, checkpointing, skip_logits, monkeypatch):
     # bf16 as on a GPU: without bf16 units the model would run bf16 matmuls and attention in fp32 on this CPU.
     monkeypatch.setattr(ops, "cpu_has_bf16_units", lambda: True)
     config = JetMoeConfig.from_name("small", num_hidden_layers=2)
     model = JetMoeForCausalLM(config).to(dtype).train()
     ids = torch.randint(0, config.vocab_size, (2, 128))
-    model(ids, labels=ids).loss.backward()  # warm-up: one-off probes and allocations
+    model(ids, labels=ids, skip_logits=skip_logits).loss.backward()  # warm-up: one-off probes and allocations
     if checkpointing == "full":
         model.gradient_checkpointing_enable()  # checkpoints every block, as parallelize_jetmoe's "full"
-    measured = live_bytes_after_forward(model, ids)
-    estimated = saved_activation_bytes(config, ids.numel(), dtype.itemsize, checkpointing)
+    measured = live_bytes_after_forward(model, ids, skip_logits)
+    estimated = saved_activation_bytes(config, ids.numel(), dtype.itemsize, checkpointing, skip_logits)
     assert estimated == pytest.approx(measured, rel=0.05)
 
 

@@ -5,6 +5,7 @@ import torch
 
 from hf_reference import hf_twin
 from jetmoe import JetMoeConfig, JetMoeForCausalLM, JetMoeForSequenceClassification, JetMoeModel
+from jetmoe.losses import load_balancing_loss
 
 ATOL = 1e-5
 
@@ -89,6 +90,16 @@ def test_z_loss_enters_the_total(tiny_config):
     out = model(ids, labels=ids)
     assert out.z_loss > 0
     torch.testing.assert_close(out.loss, out.ce_loss + 0.01 * out.aux_loss + 0.5 * out.z_loss)
+
+
+def test_per_router_aux_loss_option(tiny_config):
+    torch.manual_seed(0)
+    model = JetMoeForCausalLM(tiny_config.replace(aux_loss_per_router=True)).train()
+    ids = torch.randint(0, 128, (2, 8))
+    out = model(ids, labels=ids, output_router_logits=True)
+    k = tiny_config.num_experts_per_tok
+    torch.testing.assert_close(out.aux_loss, load_balancing_loss(out.router_logits, k, per_router=True))
+    assert not torch.allclose(out.aux_loss, load_balancing_loss(out.router_logits, k))  # the HF definition differs
 
 
 def test_output_object_access(tiny_config):

@@ -52,13 +52,13 @@ def loader(num_batches):
     return DataLoader(TensorDataset(torch.randn(num_batches, TOKENS, 3)), batch_size=1)
 
 
-def fit(tmp_path, module, callback, **trainer_kwargs):
+def fit(tmp_path, module, callback, max_steps=6, ckpt_path=None, log_every_n_steps=2, **trainer_kwargs):
     trainer = L.Trainer(
-        max_steps=6,
+        max_steps=max_steps,
         accelerator="cpu",
         logger=TensorBoardLogger(tmp_path, name="run"),
         callbacks=[callback],
-        log_every_n_steps=2,
+        log_every_n_steps=log_every_n_steps,
         limit_val_batches=2,
         num_sanity_val_steps=1,
         enable_checkpointing=False,
@@ -66,7 +66,7 @@ def fit(tmp_path, module, callback, **trainer_kwargs):
         enable_model_summary=False,
         **trainer_kwargs,
     )
-    trainer.fit(module, loader(8), loader(2))
+    trainer.fit(module, loader(8), loader(2), ckpt_path=ckpt_path)
     return trainer
 
 
@@ -134,6 +134,18 @@ def test_format_report_renders_a_row_per_router(trained_run):
         format_report(trainer.log_dir, scope="test")
 
 
+def test_run_total_survives_a_resume(tmp_path):
+    first = ExpertUtilizationCallback(NUM_LAYERS, NUM_EXPERTS, TOP_K, log_every_n_steps=2)
+    trainer = fit(tmp_path, FakeRouterModule(), first, max_steps=3)  # ends inside an open window
+    trainer.save_checkpoint(tmp_path / "mid.ckpt")
+    second = ExpertUtilizationCallback(NUM_LAYERS, NUM_EXPERTS, TOP_K, log_every_n_steps=2)
+    trainer = fit(tmp_path, FakeRouterModule(), second, max_steps=6, ckpt_path=tmp_path / "mid.ckpt")
+    report = json.loads((tmp_path / "run" / "version_1" / "expert_utilization.json").read_text())
+    run = report["routers"][0]["run"]
+    assert run["num_tokens"] == 6 * (TOKENS - 4)  # steps 1-3 from the checkpoint, 4-6 after the resume
+    assert sum(run["tokens"]) == TOP_K * run["num_tokens"]
+
+
 def test_skips_outputs_without_router_logits(tmp_path):
     callback = ExpertUtilizationCallback(NUM_LAYERS, NUM_EXPERTS, TOP_K, log_every_n_steps=2)
     trainer = fit(tmp_path, FakeRouterModule(with_router_logits=False), callback)
@@ -143,9 +155,18 @@ def test_skips_outputs_without_router_logits(tmp_path):
         format_report(tmp_path)
 
 
+def test_heatmaps_follow_the_logged_windows(tmp_path):
+    with pytest.raises(ValueError, match="heatmap_every_n_steps must be >= 0"):
+        ExpertUtilizationCallback(NUM_LAYERS, NUM_EXPERTS, TOP_K, heatmap_every_n_steps=-1)
+    # windows logged at steps 3, 6, 9, 12; heatmaps every 4 steps: the first windows at or after 4, 8, 12
+    callback = ExpertUtilizationCallback(NUM_LAYERS, NUM_EXPERTS, TOP_K, log_every_n_steps=3, heatmap_every_n_steps=4)
+    trainer = fit(tmp_path, FakeRouterModule(), callback, max_steps=12, log_every_n_steps=3)
+    events = EventAccumulator(trainer.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert [image.step for image in events.Images("experts/moe/load_heatmap")] == [6, 9, 12]
+
+
 def test_rejects_misaligned_intervals(tmp_path):
-    with pytest.raises(ValueError, match="multiple"):
-        ExpertUtilizationCallback(NUM_LAYERS, NUM_EXPERTS, TOP_K, log_every_n_steps=3, heatmap_every_n_steps=4)
     callback = ExpertUtilizationCallback(NUM_LAYERS, NUM_EXPERTS, TOP_K, log_every_n_steps=3, heatmap_every_n_steps=0)
     with pytest.raises(ValueError, match="mislabelled or overwritten"):
         fit(tmp_path, FakeRouterModule(), callback)

@@ -11,7 +11,15 @@ import pytest
 from jetmoe import JetMoeConfig
 from jetmoe.training.config import ConfigError
 from jetmoe.training.matching import matched_intermediate_size, relative_gap
-from jetmoe.training.sweep import format_plan, format_table, load_sweep, plan_sweep, read_results, run_sweep
+from jetmoe.training.sweep import (
+    format_plan,
+    format_table,
+    load_sweep,
+    plan_sweep,
+    plot_results,
+    read_results,
+    run_sweep,
+)
 
 REPO = Path(__file__).resolve().parents[2]
 DEFAULT = REPO / "experiments/default.yaml"
@@ -172,3 +180,19 @@ def test_bad_command_line_overrides_blame_the_command_line(tmp_path, override, m
     path = write_sweep(tmp_path, f"base: {DEFAULT}\npoints: [{{name: a}}]\n")
     with pytest.raises(ConfigError, match=message):
         load_sweep(path, [override])
+
+
+def test_plot_draws_one_line_per_top_k_and_variant():
+    pytest.importorskip("matplotlib")
+    row = dict(val_loss=4.0, params_total=2_000_000, params_active=1_000_000, num_experts_per_tok=2)
+    rows = [
+        {**row, "name": "dense", "num_local_experts": 1, "num_experts_per_tok": 1,
+         "overrides": "model.num_local_experts=1 model.num_experts_per_tok=1 model.intermediate_size=600"},
+        {**row, "name": "e4_k2", "num_local_experts": 4, "overrides": "model.num_local_experts=4"},
+        {**row, "name": "e8_k2", "num_local_experts": 8, "overrides": "model.num_local_experts=8"},
+        {**row, "name": "e8_k2_global", "num_local_experts": 8,
+         "overrides": "model.num_local_experts=8 model.aux_loss_per_router=false model.intermediate_size=256"},
+    ]
+    experts_ax = plot_results(rows).axes[0]
+    lines = {line.get_label(): list(line.get_xdata()) for line in experts_ax.get_lines() if line.get_marker() == "o"}
+    assert lines == {"MoA+MoE top-2": [4, 8], "MoA+MoE top-2, aux_loss_per_router=false": [8]}

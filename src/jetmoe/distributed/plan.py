@@ -31,8 +31,8 @@ attention width; F expert intermediate size; E experts; k top-k; H key/value hea
 A checkpointed block keeps only its input (N·D·s) and, for the auxiliary losses, its routers' fp32 logits
 and probabilities and aux top-k indices. The LM head keeps the final norm's tensors (N·D·3s, or N·D·(2s + 4)
 in bf16), the logits (N·V·s) and the fp32 log-probabilities of the cross-entropy (N·V·4); with
-`skip_logits=True` (the fused chunked cross-entropy) the last two become N·D·s + V·D·4 (its stored
-gradients) instead.
+`skip_logits=True` (the fused chunked cross-entropy, what training uses) the last two become N·D·s + V·D·s
+(its stored gradients) instead.
 
 Throughput: model FLOPs per token = 6·N_active + 12·L·(k·H·Dh)·T (PaLM's convention: causal masking not
 discounted, recomputation not counted), tokens/day = gpus · peak_tflops · mfu · 86400 / FLOPs per token.
@@ -83,9 +83,12 @@ def _checkpointed_block_bytes(config: JetMoeConfig, tokens: int, dtype_bytes: in
     return tokens * config.hidden_size * dtype_bytes + 2 * (tokens * config.num_local_experts * 8 + M * 8)
 
 
-def _head_bytes(config: JetMoeConfig, tokens: int, dtype_bytes: int) -> int:
-    """Final norm, logits and fp32 log-probabilities of the cross-entropy."""
+def _head_bytes(config: JetMoeConfig, tokens: int, dtype_bytes: int, skip_logits: bool) -> int:
+    """Final norm, then logits and fp32 log-probabilities of the cross-entropy, or (fused CE) its stored
+    gradients of the hidden states and the LM-head weight."""
     norm = tokens * config.hidden_size * (3 * dtype_bytes if dtype_bytes == 4 else 2 * dtype_bytes + 4)
+    if skip_logits:
+        return norm + (tokens + config.vocab_size) * config.hidden_size * dtype_bytes
     return norm + tokens * config.vocab_size * (dtype_bytes + 4)
 
 
@@ -95,14 +98,17 @@ def checkpointed_blocks(num_layers: int, activation_checkpointing: str) -> int:
     return {"none": 0, "full": num_layers, "selective": (num_layers + 1) // 2}[activation_checkpointing]
 
 
-def saved_activation_bytes(config: JetMoeConfig, tokens: int, dtype_bytes: int, activation_checkpointing: str) -> int:
-    """Bytes autograd holds at the end of the forward of `tokens` tokens (blocks + LM head)."""
+def saved_activation_bytes(
+    config: JetMoeConfig, tokens: int, dtype_bytes: int, activation_checkpointing: str, skip_logits: bool = True
+) -> int:
+    """Bytes autograd holds at the end of the forward of `tokens` tokens (blocks + LM head); `skip_logits` as
+    the model's argument (what training uses)."""
     L = config.num_hidden_layers
     ckpt = checkpointed_blocks(L, activation_checkpointing)
     return (
         (L - ckpt) * block_activation_bytes(config, tokens, dtype_bytes)
         + ckpt * _checkpointed_block_bytes(config, tokens, dtype_bytes)
-        + _head_bytes(config, tokens, dtype_bytes)
+        + _head_bytes(config, tokens, dtype_bytes, skip_logits)
     )
 
 

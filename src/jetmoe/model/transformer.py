@@ -3,7 +3,9 @@
 Forward arguments, outputs and parameter names follow transformers' JetMoe, so checkpoints and code move
 between the two. Differences that matter for training: the auxiliary router losses are computed whenever the
 model trains (not only with `output_router_logits`), routers run in fp32, experts use grouped GEMMs, nothing in
-the forward synchronises with the host, and decoder blocks support activation checkpointing.
+the forward synchronises with the host, decoder blocks support activation checkpointing, and
+`JetMoeForCausalLM(..., labels=..., skip_logits=True)` computes the CE fused with the LM head without
+materialising the logits (what a training loop wants).
 """
 
 from __future__ import annotations
@@ -339,7 +341,9 @@ class JetMoeForCausalLM(JetMoePreTrainedModel):
             mask_N = attention_mask if attention_mask is not None and attention_mask.dim() == 2 else None
             if mask_N is not None and mask_N.shape[-1] != h_BTD.shape[1]:
                 mask_N = mask_N[:, -out.router_logits[0].shape[0] // mask_N.shape[0]:]
-            aux_loss = load_balancing_loss(out.router_logits, self.config.num_experts_per_tok, mask_N)
+            aux_loss = load_balancing_loss(
+                out.router_logits, self.config.num_experts_per_tok, mask_N, self.config.aux_loss_per_router
+            )
             z_loss = router_z_loss(out.router_logits, mask_N)
 
         loss = ce_loss = None

@@ -51,44 +51,52 @@ class ConfigError(ValueError):
     """A user-facing configuration error; ``str(err)`` is one line naming the file and key."""
 
 
-@dataclass
-class ModelConfig:
-    """JetMoeConfig fields (HF names and defaults) plus how to build the model.
+#: JetMoeConfig fields an experiment does not set: inference switches, classification heads, the HF v5 spelling
+#: of rope_theta.
+_NOT_EXPERIMENT_FIELDS = ("output_router_logits", "use_cache", "num_labels", "problem_type", "rope_parameters")
+#: Defaults that differ from JetMoeConfig's: jetmoe.data tokenizers put <pad>, <s>, </s> at ids 0, 1, 2.
+_EXPERIMENT_DEFAULTS = {"pad_token_id": 0}
+
+
+def _omegaconf_type(tp: Any) -> Any:
+    """omegaconf takes ``Optional[int]`` but not ``int | None``, nor ``int | list[int]`` (a single id here)."""
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        return Optional[next(a for a in args if a is not type(None))] if type(None) in args else args[0]
+    return tp
+
+
+def _model_config_class() -> type:
+    """The ``model`` section: JetMoeConfig's fields and defaults (HF names), plus how to build the model."""
+    hints = typing.get_type_hints(JetMoeConfig)
+    arch = [
+        (f.name, _omegaconf_type(hints[f.name]), field(default=_EXPERIMENT_DEFAULTS.get(f.name, f.default)))
+        for f in dataclasses.fields(JetMoeConfig)
+        if f.name not in _NOT_EXPERIMENT_FIELDS
+    ]
+    build = [
+        ("init_from", Optional[str], field(default=None)),  # HF-format directory to fine-tune from
+        ("gradient_checkpointing", bool, field(default=False)),
+    ]
+    cls = dataclasses.make_dataclass("ModelConfig", arch + build)
+    cls.__module__ = __name__
+    cls.__doc__ = """JetMoeConfig fields (HF names and defaults) plus how to build the model.
 
     With ``init_from`` set, the architecture fields are read from that directory's ``config.json``
     when the experiment is composed; only :data:`TRAINING_FIELDS` keep their configured values.
     """
+    return cls
 
-    vocab_size: int = 32000
-    hidden_size: int = 2048
-    num_hidden_layers: int = 12
-    num_key_value_heads: int = 16
-    kv_channels: int = 128
-    intermediate_size: int = 5632
-    max_position_embeddings: int = 4096
-    activation_function: str = "silu"
-    num_local_experts: int = 8
-    num_experts_per_tok: int = 2
-    aux_loss_coef: float = 0.01
-    router_z_loss_coef: float = 0.0
-    rope_theta: float = 10000.0
-    rms_norm_eps: float = 1e-6
-    initializer_range: float = 0.01
-    attention_dropout: float = 0.0
-    tie_word_embeddings: bool = True
-    bos_token_id: Optional[int] = 1
-    eos_token_id: Optional[int] = 2
-    pad_token_id: Optional[int] = 0  # HF: None; jetmoe.data tokenizers put <pad>, <s>, </s> at 0, 1, 2
-    # Not architecture: how the training run builds the model.
-    init_from: Optional[str] = None  # HF-format directory to fine-tune from
-    expert_impl: str = "auto"
-    gradient_checkpointing: bool = False
+
+ModelConfig = _model_config_class()
 
 
 #: ModelConfig fields that are not JetMoeConfig fields.
 BUILD_FIELDS = ("init_from", "gradient_checkpointing")
 #: JetMoeConfig fields a fine-tune may change; the others are fixed by the pretrained weights.
-TRAINING_FIELDS = ("aux_loss_coef", "router_z_loss_coef", "attention_dropout", "expert_impl")
+TRAINING_FIELDS = (
+    "aux_loss_coef", "router_z_loss_coef", "aux_loss_per_router", "attention_dropout", "expert_impl"
+)
 
 
 @dataclass
@@ -136,8 +144,9 @@ class RunConfig:
     seed: int = 1337
     sample_prompt: str = "def "
     sample_tokens: int = 200
+    expert_metrics: bool = True  # routing statistics (ExpertUtilizationCallback); false turns them off
     expert_log_every_n_steps: int = 50  # a multiple of trainer.log_every_n_steps
-    heatmap_every_n_steps: int = 0  # TensorBoard expert-load images; a multiple of the above, 0 disables
+    heatmap_every_n_steps: int = 200  # TensorBoard expert-load images, at the expert log steps; 0 disables
 
 
 @dataclass
@@ -158,8 +167,8 @@ GROUPS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
 def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentConfig:
     """Compose an experiment YAML with its group defaults and ``key=value`` overrides."""
     path = Path(path)
-    body = _read_yaml(path)
-    source = _display(path)
+    body = read_yaml(path)
+    source = display_path(path)
     defaults = {group: (name, source) for group, name in _parse_defaults(body.pop("defaults", []), source).items()}
     dotlist = []
     for item in overrides:
@@ -176,8 +185,8 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
     for group, (name, named_in) in defaults.items():
         group_file = configs_dir / group / f"{name}.yaml"
         if not group_file.is_file():
-            raise ConfigError(f"{named_in}: no config '{group}: {name}' ({_display(group_file)} not found)")
-        merged = _merge(merged, {group: _read_yaml(group_file)}, _display(group_file))
+            raise ConfigError(f"{named_in}: no config '{group}: {name}' ({display_path(group_file)} not found)")
+        merged = _merge(merged, {group: read_yaml(group_file)}, display_path(group_file))
     merged = _merge(merged, body, source)
     try:
         cli = OmegaConf.from_dotlist(dotlist)
@@ -229,7 +238,7 @@ def _adopt_pretrained_architecture(model: DictConfig) -> None:
             model[f.name] = getattr(pretrained, f.name)
 
 
-def _display(path: Path) -> str:
+def display_path(path: Path) -> str:
     """A path as short as possible: relative to the working directory when below it."""
     try:
         return str(path.resolve().relative_to(Path.cwd()))
@@ -237,23 +246,24 @@ def _display(path: Path) -> str:
         return str(path)
 
 
-def _read_yaml(path: Path) -> dict[str, Any]:
+def read_yaml(path: Path) -> dict[str, Any]:
+    """A YAML file holding a mapping (empty file: ``{}``), with omegaconf's scalar rules; ConfigError otherwise."""
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise FileNotFoundError(f"config file not found: {path}") from None
     except UnicodeDecodeError:
-        raise ConfigError(f"{_display(path)}: not a UTF-8 text file") from None
+        raise ConfigError(f"{display_path(path)}: not a UTF-8 text file") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""
-        raise ConfigError(f"{_display(path)}: invalid YAML{where}: {getattr(err, 'problem', err)}") from None
+        raise ConfigError(f"{display_path(path)}: invalid YAML{where}: {getattr(err, 'problem', err)}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise ConfigError(f"{_display(path)}: expected a mapping of config keys, got a {type(data).__name__}")
+        raise ConfigError(f"{display_path(path)}: expected a mapping of config keys, got a {type(data).__name__}")
     # Parse again with omegaconf's YAML rules (e.g. 1e-3 is a float there, a string for PyYAML).
     return OmegaConf.to_container(OmegaConf.create(text))
 
@@ -412,9 +422,8 @@ def _problems(cfg: ExperimentConfig) -> Iterator[str]:
     if r.expert_log_every_n_steps <= 0 or r.expert_log_every_n_steps % t.log_every_n_steps:
         yield (f"run.expert_log_every_n_steps ({r.expert_log_every_n_steps}) must be a positive multiple of "
                f"trainer.log_every_n_steps ({t.log_every_n_steps})")
-    elif r.heatmap_every_n_steps < 0 or r.heatmap_every_n_steps % r.expert_log_every_n_steps:
-        yield (f"run.heatmap_every_n_steps ({r.heatmap_every_n_steps}) must be 0 or a multiple of "
-               f"run.expert_log_every_n_steps ({r.expert_log_every_n_steps})")
+    if r.heatmap_every_n_steps < 0:
+        yield f"run.heatmap_every_n_steps must be >= 0 (0 disables), got {r.heatmap_every_n_steps}"
     if r.sample_tokens < 0:
         yield f"run.sample_tokens must be >= 0, got {r.sample_tokens}"
     if not r.name or "/" in r.name or r.name in (".", ".."):

@@ -14,6 +14,7 @@ import os
 import warnings
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 import torch
@@ -41,10 +42,13 @@ class ExpertUtilizationCallback(L.Callback):
     Keeps three ``RouterUtilization`` metrics: a train window (logged, folded into the run total and
     reset every ``log_every_n_steps`` optimizer steps), the whole-run train total, and validation
     (per epoch). Each batch is therefore routed through one metric update only.
-    ``heatmap_every_n_steps`` (a multiple of ``log_every_n_steps``; 0 disables) adds a layer x expert
-    load image per router kind and per-router expert histograms to TensorBoard. ``on_train_end``
+    ``heatmap_every_n_steps`` (0 disables) adds a layer x expert load image per router kind and per-router
+    expert histograms to TensorBoard, once per that many steps: at the first logged window that reaches a
+    multiple of it. ``on_train_end``
     writes ``expert_utilization.{json,csv}`` to ``output_dir`` (default: ``trainer.log_dir``).
     All metric computes are collectives and run on every rank; only rank 0 writes.
+    The run total is saved in checkpoints (summed over ranks), so after a resume the ``run`` scope still
+    covers the whole run.
     """
 
     def __init__(
@@ -59,11 +63,8 @@ class ExpertUtilizationCallback(L.Callback):
     ):
         if log_every_n_steps < 1:
             raise ValueError(f"log_every_n_steps must be >= 1, got {log_every_n_steps}")
-        if heatmap_every_n_steps < 0 or heatmap_every_n_steps % log_every_n_steps:
-            raise ValueError(
-                f"heatmap_every_n_steps ({heatmap_every_n_steps}) must be 0 or a multiple of "
-                f"log_every_n_steps ({log_every_n_steps})"
-            )
+        if heatmap_every_n_steps < 0:
+            raise ValueError(f"heatmap_every_n_steps must be >= 0 (0 disables), got {heatmap_every_n_steps}")
         self.num_layers, self.num_experts, self.top_k = num_layers, num_experts, top_k
         self.log_every_n_steps = log_every_n_steps
         self.heatmap_every_n_steps = heatmap_every_n_steps
@@ -104,7 +105,7 @@ class ExpertUtilizationCallback(L.Callback):
         self._last_logged_step = step
         stats = self._flush_window()
         pl_module.log_dict(scalar_metrics("experts", stats), on_step=True, on_epoch=False, sync_dist=False)
-        if self.heatmap_every_n_steps and step % self.heatmap_every_n_steps == 0 and trainer.is_global_zero:
+        if self._heatmap_due(step) and trainer.is_global_zero:
             self._log_images(trainer, stats, step)
 
     def on_validation_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -131,6 +132,29 @@ class ExpertUtilizationCallback(L.Callback):
         if trainer.is_global_zero:
             write_report(output_dir, self._report(scopes, trainer.global_step))
 
+    # ---- checkpoint state ------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The run total so far (the open window included), summed over ranks: Lightning keeps rank 0's copy.
+
+        Lightning builds the checkpoint on every rank, so the all-reduce here is matched on all of them (before
+        the first batch the states are still on the CPU on every rank, and all zero: nothing to reduce).
+        """
+        sums = {name: total + getattr(self.window, name) for name, total in self.total.metric_state.items()}
+        if self._device is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+            for value in sums.values():
+                torch.distributed.all_reduce(value)
+        return {"run_total": {name: value.cpu() for name, value in sums.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore the run total; it holds every rank's past tokens, so only global rank 0 takes it."""
+        sums = state_dict.get("run_total")
+        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        if not sums or rank != 0:
+            return
+        self.total.reset()
+        self.total.merge_state({name: value.to(getattr(self.total, name).device) for name, value in sums.items()})
+
     # ---- helpers -------------------------------------------------------------------------------------
 
     def _update(self, metric: RouterUtilization, pl_module: L.LightningModule, outputs) -> None:
@@ -142,6 +166,11 @@ class ExpertUtilizationCallback(L.Callback):
             for each in (self.window, self.total, self.val):
                 each.to(self._device)
         metric.update(router_logits, outputs.get("router_mask"))
+
+    def _heatmap_due(self, step: int) -> bool:
+        """True for the first logged window at or after each multiple of ``heatmap_every_n_steps``."""
+        every = self.heatmap_every_n_steps
+        return every > 0 and step % every < min(every, self.log_every_n_steps)
 
     def _flush_window(self) -> dict[str, Tensor]:
         """Compute the window (a collective), fold it into the run total and reset it."""

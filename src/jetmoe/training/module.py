@@ -75,6 +75,7 @@ class JetMoeLitModule(L.LightningModule):
             labels=batch["labels"],
             output_router_logits=True,
             use_cache=False,
+            skip_logits=True,  # CE fused with the LM head: the [B, T, V] logits are never materialised
         )
 
     @staticmethod

@@ -131,16 +131,19 @@ def _build_trainer(cfg: ExperimentConfig, run_dir: Path) -> L.Trainer:
         ),
         ValidateOnLastStep(),
         NonFiniteGuard(cfg.optim.on_nonfinite),
-        ExpertUtilizationCallback(
-            num_layers=m.num_hidden_layers,
-            num_experts=m.num_local_experts,
-            top_k=m.num_experts_per_tok,
-            log_every_n_steps=cfg.run.expert_log_every_n_steps,
-            heatmap_every_n_steps=cfg.run.heatmap_every_n_steps,
-            output_dir=run_dir,
-        ),
         ProgressLog(t.log_every_n_steps),  # plain lines instead of a redrawn bar: same in a terminal and a log file
     ]
+    if cfg.run.expert_metrics:
+        callbacks.append(
+            ExpertUtilizationCallback(
+                num_layers=m.num_hidden_layers,
+                num_experts=m.num_local_experts,
+                top_k=m.num_experts_per_tok,
+                log_every_n_steps=cfg.run.expert_log_every_n_steps,
+                heatmap_every_n_steps=cfg.run.heatmap_every_n_steps,
+                output_dir=run_dir,
+            )
+        )
     return L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
@@ -243,22 +246,10 @@ def sample(
     return tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
 
 
-def generate(
-    path: str | Path,
-    prompt: str,
-    max_new_tokens: int = 200,
-    temperature: float = 0.8,
-    top_k: int | None = 50,
-    top_p: float | None = None,
-    do_sample: bool = True,
-    seed: int = 0,
-) -> str:
-    """Generate text from a run directory or an HF model directory."""
+def generate(path: str | Path, prompt: str, max_new_tokens: int = 200, **sampling: Any) -> str:
+    """Generate text from a run directory or an HF model directory; ``sampling`` as in :func:`sample`."""
     model, tokenizer = load_pretrained(path)
-    return sample(
-        model, tokenizer, prompt, max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-        do_sample=do_sample, seed=seed,
-    )
+    return sample(model, tokenizer, prompt, max_new_tokens, **sampling)
 
 
 @torch.no_grad()

@@ -46,10 +46,10 @@ from jetmoe.training.config import (
     GROUPS,
     ConfigError,
     ExperimentConfig,
-    _display,
-    _read_yaml,
     build_model_config,
+    display_path,
     load_config,
+    read_yaml,
     to_dict,
 )
 from jetmoe.training.matching import DEFAULT_MULTIPLE_OF, matched_intermediate_size, relative_gap
@@ -135,8 +135,8 @@ class SweepResult:
 def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
     """Parse and check a sweep YAML; ConfigError (one line naming the file and key) when it is wrong."""
     path = Path(path)
-    source = _display(path)
-    raw = _read_yaml(path)
+    source = display_path(path)
+    raw = read_yaml(path)
     unknown = [key for key in raw if key not in FILE_KEYS]
     if unknown:
         raise ConfigError(f"{source}: unknown key '{unknown[0]}' (sweep keys: {', '.join(FILE_KEYS)})")
@@ -185,7 +185,7 @@ def _base_path(raw: Mapping[str, Any], path: Path, source: str) -> Path:
         )
     base = path.parent / raw["base"]
     if not base.is_file():
-        raise ConfigError(f"{source}: base: {_display(base)} not found")
+        raise ConfigError(f"{source}: base: {display_path(base)} not found")
     return base
 
 
@@ -345,7 +345,7 @@ def _compose(spec: SweepSpec, name: str, dotlist: Sequence[str]) -> ExperimentCo
     try:
         return load_config(spec.base, [*spec.overrides, *dotlist, *run])
     except ConfigError as err:
-        raise ConfigError(f"{_display(spec.path)}: point {name}: {_strip_cli(err)}") from None
+        raise ConfigError(f"{display_path(spec.path)}: point {name}: {_strip_cli(err)}") from None
 
 
 def _reference_active(spec: SweepSpec) -> int:
@@ -365,7 +365,7 @@ def _plan_point(spec: SweepSpec, name: str, dotlist: tuple[str, ...], target: in
     gap = relative_gap(point.params["active"], target)
     if abs(gap) > spec.match.tolerance:
         raise ConfigError(
-            f"{_display(spec.path)}: match_active_params: point {name} gets {point.params['active']:,} active "
+            f"{display_path(spec.path)}: match_active_params: point {name} gets {point.params['active']:,} active "
             f"parameters at {MATCHED}={size}, {gap:+.1%} off the reference's {target:,} "
             f"(tolerance {spec.match.tolerance:.0%})"
         )
@@ -551,8 +551,9 @@ def format_table(result: SweepResult) -> str:
 
 def plot_results(rows: Sequence[Mapping[str, Any]], path: str | Path | None = None):
     """Validation loss vs experts per layer, total and active parameters: one line per top-k (MoA and MoE
-    share both), the dense point (one expert) a star and a dashed line. Saved to ``path`` if given; returns
-    the matplotlib Figure. Needs matplotlib (imported here, not by the package)."""
+    share both) and per variant (a point's other overrides, e.g. ``aux_loss_per_router=false``), the dense
+    point (one expert) a star and a dashed line. Saved to ``path`` if given; returns the matplotlib Figure.
+    Needs matplotlib (imported here, not by the package)."""
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
@@ -561,10 +562,12 @@ def plot_results(rows: Sequence[Mapping[str, Any]], path: str | Path | None = No
     done = [row for row in rows if row["val_loss"] is not None]
     mixtures = [row for row in done if row["num_local_experts"] > 1]
     for ax, key in zip(axes, ("num_local_experts", "params_total", "params_active")):
-        for top_k in sorted({row["num_experts_per_tok"] for row in mixtures}):
-            line = sorted((row for row in mixtures if row["num_experts_per_tok"] == top_k), key=lambda row: row[key])
+        for top_k, variant in sorted({(row["num_experts_per_tok"], _variant(row)) for row in mixtures}):
+            line = sorted((row for row in mixtures if (row["num_experts_per_tok"], _variant(row)) == (top_k, variant)),
+                          key=lambda row: row[key])
             style = "o" if key == "params_active" else "o-"  # matched active counts: a scatter
-            ax.plot([row[key] for row in line], [row["val_loss"] for row in line], style, label=f"MoA+MoE top-{top_k}")
+            label = f"MoA+MoE top-{top_k}" + (f", {variant}" if variant else "")
+            ax.plot([row[key] for row in line], [row["val_loss"] for row in line], style, label=label)
         for row in done:
             if row["num_local_experts"] == 1:
                 ax.plot(row[key], row["val_loss"], "k*", markersize=14, label=f"dense ({row['name']})")
@@ -587,6 +590,16 @@ def plot_results(rows: Sequence[Mapping[str, Any]], path: str | Path | None = No
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
+
+
+_LINE_KEYS = ("num_local_experts", "num_experts_per_tok", "intermediate_size")  # what varies along a line
+
+
+def _variant(row: Mapping[str, Any]) -> str:
+    """A point's overrides besides expert counts and the matched width, short keys: '' for plain grid points."""
+    items = (item.split("=", 1) for item in (row.get("overrides") or "").split())
+    short = ((key.rpartition(".")[2], value) for key, value in items)
+    return " ".join(f"{key}={value}" for key, value in short if key not in _LINE_KEYS)
 
 
 def _ticks_at(ax, values: Sequence[float], label) -> None:
