@@ -51,8 +51,9 @@ def load_balancing_loss(
     probs_RNE = logits_RNE.softmax(dim=-1)
     selected_RNk = logits_RNE.topk(top_k, dim=-1).indices
     assign_RNE = torch.zeros_like(probs_RNE).scatter_(-1, selected_RNk, 1.0)
-    tokens_per_expert_RE = torch.einsum("rne,n->re", assign_RNE, w_N) / w_N.sum()
-    prob_per_expert_RE = torch.einsum("rne,n->re", probs_RNE, w_N) / w_N.sum()
+    tokens = w_N.sum()
+    tokens_per_expert_RE = torch.einsum("rne,n->re", assign_RNE, w_N) / tokens
+    prob_per_expert_RE = torch.einsum("rne,n->re", probs_RNE, w_N) / tokens
     if per_router:
         return num_experts * torch.sum(tokens_per_expert_RE * prob_per_expert_RE, dim=-1).mean()
     return num_experts * torch.sum(tokens_per_expert_RE.mean(0) * prob_per_expert_RE.mean(0))

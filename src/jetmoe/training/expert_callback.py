@@ -44,8 +44,8 @@ class ExpertUtilizationCallback(L.Callback):
     (per epoch). Each batch is therefore routed through one metric update only.
     ``heatmap_every_n_steps`` (0 disables) adds a layer x expert load image per router kind and per-router
     expert histograms to TensorBoard, once per that many steps: at the first logged window that reaches a
-    multiple of it. ``on_train_end``
-    writes ``expert_utilization.{json,csv}`` to ``output_dir`` (default: ``trainer.log_dir``).
+    multiple of it. ``on_train_end`` writes ``expert_utilization.{json,csv}`` to ``output_dir`` (default:
+    ``trainer.log_dir``).
     All metric computes are collectives and run on every rank; only rank 0 writes.
     The run total is saved in checkpoints (summed over ranks), so after a resume the ``run`` scope still
     covers the whole run.
@@ -141,7 +141,7 @@ class ExpertUtilizationCallback(L.Callback):
         the first batch the states are still on the CPU on every rank, and all zero: nothing to reduce).
         """
         sums = {name: total + getattr(self.window, name) for name, total in self.total.metric_state.items()}
-        if self._device is not None and torch.distributed.is_available() and torch.distributed.is_initialized():
+        if self._device is not None and _distributed():
             for value in sums.values():
                 torch.distributed.all_reduce(value)
         return {"run_total": {name: value.cpu() for name, value in sums.items()}}
@@ -149,7 +149,7 @@ class ExpertUtilizationCallback(L.Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the run total; it holds every rank's past tokens, so only global rank 0 takes it."""
         sums = state_dict.get("run_total")
-        rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+        rank = torch.distributed.get_rank() if _distributed() else 0
         if not sums or rank != 0:
             return
         self.total.reset()
@@ -208,6 +208,10 @@ class ExpertUtilizationCallback(L.Callback):
             "scopes": list(scopes),
             "routers": routers,
         }
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
 # ---- logging helpers ---------------------------------------------------------------------------------
