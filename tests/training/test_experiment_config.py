@@ -132,6 +132,8 @@ BASE = "defaults:\n  - model: tiny\n  - trainer: cpu\n"
         ("just a sentence\n", [], r"exp.yaml: expected a mapping of config keys, got a str"),
         ("model: [\n", [], r"exp.yaml: invalid YAML \(line 2\)"),
         (BASE + "model:\n  init_from: ???\n", [], r"missing required value 'model.init_from'"),
+        (BASE, ["model.aux_loss_per_router=2"], r"command line: 'model.aux_loss_per_router' expects bool, got 2"),
+        (BASE + "run:\n  expert_metrics: 0\n", [], r"exp.yaml: 'run.expert_metrics' expects bool, got 0"),
     ],
 )
 def test_config_errors_are_one_line_naming_the_key(experiment, body, overrides, message):

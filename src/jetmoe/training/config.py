@@ -159,6 +159,7 @@ class ExperimentConfig:
 
 
 GROUPS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
+_GROUP_SCHEMAS = typing.get_type_hints(ExperimentConfig)  # group name -> its dataclass
 
 
 # ----------------------------------------------------------------------------- composition
@@ -287,6 +288,11 @@ def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
     for group, value in update.items() if isinstance(update, dict) else ():
         if group in GROUPS and not isinstance(value, (dict, type(None))):
             raise ConfigError(f"{source}: '{group}' must be a mapping of {group} settings, got {value!r}")
+    for key, value in _leaves(update):  # omegaconf would turn 2 into True for a bool field
+        group, _, name = key.partition(".")
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and group in _GROUP_SCHEMAS:
+            if _field_type(_GROUP_SCHEMAS[group], name) == "bool":
+                raise ConfigError(f"{source}: '{key}' expects bool, got {value!r}")
     try:
         merged = OmegaConf.merge(base, update)
         for key in _required_keys(update):  # merging "???" keeps the old value: mark it missing again
@@ -303,14 +309,19 @@ def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
         raise ConfigError(f"{source}: {_first_line(err)}") from None
 
 
-def _required_keys(update: Any, prefix: str = "") -> Iterator[str]:
-    """Dotted keys that ``update`` sets to ``???`` (a value the command line must provide)."""
+def _leaves(update: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """(dotted key, value) of every value in ``update`` that is not a mapping."""
     items = update.items() if isinstance(update, dict) else OmegaConf.to_container(update).items()
     for key, value in items:
         if isinstance(value, dict):
-            yield from _required_keys(value, f"{prefix}{key}.")
-        elif value == MISSING_VALUE:
-            yield f"{prefix}{key}"
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _required_keys(update: Any) -> Iterator[str]:
+    """Dotted keys that ``update`` sets to ``???`` (a value the command line must provide)."""
+    return (key for key, value in _leaves(update) if value == MISSING_VALUE)
 
 
 def _describe_validation(err: ValidationError) -> str:
