@@ -25,7 +25,9 @@ What is measured (ours = `jetmoe`, theirs = transformers with SDPA attention):
 - achieved FLOP/s and MFU against the best GEMM FLOP/s measured in the same run on the bench's shapes.
 - scaling: training tokens/s with 8, 32, 64 experts at constant active parameters (top-k and expert size fixed,
   so total parameters grow with the experts), each model in a fresh process (its allocator steady state); ours
-  in two rounds over 8, 32, 64 experts, median of the pooled steps.
+  in two rounds over 8, 32, 64 experts, median of the pooled steps. Both libraries run under the host memory
+  policy `jetmoe train` sets (`jetmoe.training.host_memory`: glibc keeps freed memory, so the step's fresh
+  gradients are not page-faulted in again); ours is also measured once with glibc's default policy.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ import torch.nn.functional as F
 
 import jetmoe
 from jetmoe import DynamicKVCache, JetMoeConfig, JetMoeForCausalLM
+from jetmoe.training.host_memory import retain_freed_memory
 
 BENCH_DIR = Path(__file__).resolve().parent
 
@@ -456,6 +459,8 @@ def throughput_worker(spec: dict[str, Any]) -> dict[str, Any]:
     """Consecutive training steps of one model in this (fresh) process: its steady state, the allocator holding
     only this model's buffers (interleaving models of very different sizes in one process would make each pay
     for the other's page faults)."""
+    if spec["retain"]:
+        retain_freed_memory()
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
     config = make_config(spec["preset"], num_local_experts=spec["experts"])
@@ -471,17 +476,20 @@ def throughput_worker(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def bench_scaling(args, device, results) -> None:
-    """Each (library, experts) in its own subprocess, one after the other. transformers' per-expert loop makes a
-    step with many experts very slow (every expert's weight slice allocates a full-size gradient), so it gets
-    one round, and one step without warm-up beyond 8 experts."""
+    """Each (library, experts, allocator policy) in its own subprocess, one after the other. The target rows run
+    under the host memory policy of `jetmoe train` (`retain_freed_memory`), for transformers too; ours is also
+    measured with glibc's default policy, which page-faults every step's fresh gradients in again. transformers'
+    per-expert loop makes a step with many experts very slow (every expert's weight slice allocates a full-size
+    gradient), so it gets one round, and one step without warm-up beyond 8 experts."""
     B, T = PRESETS[args.config]["batch"], PRESETS[args.config]["seq"]
     tokens = B * T
     tps: dict[int, dict[str, Any]] = {}
 
-    def measure(who: str, experts: int, iters: int, warmup: int) -> list[float]:
-        log(f"scaling: {who}, {experts} experts ({warmup} warm-up + {iters} steps, fresh process)")
+    def measure(who: str, experts: int, iters: int, warmup: int, retain: bool = True) -> list[float]:
+        policy = "retained" if retain else "default"
+        log(f"scaling: {who}, {experts} experts, {policy} host memory ({warmup} warm-up + {iters} steps, fresh process)")
         spec = dict(task="throughput", who=who, experts=experts, preset=args.config, device=str(device),
-                    threads=torch.get_num_threads(), iters=iters, warmup=warmup)
+                    threads=torch.get_num_threads(), iters=iters, warmup=warmup, retain=retain)
         return run_worker([spec])[0]["times"]
 
     for experts in SCALING_EXPERTS:
@@ -492,9 +500,11 @@ def bench_scaling(args, device, results) -> None:
         for experts in SCALING_EXPERTS:
             tps[experts]["ours_times_s"] += measure("ours", experts, max(1, args.iters - 1), 2)
     for experts in SCALING_EXPERTS:
+        tps[experts]["ours_default_times_s"] = measure("ours", experts, max(1, args.iters - 1), 2, retain=False)
+    for experts in SCALING_EXPERTS:
         iters, warmup = (1, 0) if experts > 8 else (max(1, args.iters - 1), 1)
         tps[experts]["theirs_times_s"] = measure("theirs", experts, iters, warmup)
-        for who in ("ours", "theirs"):
+        for who in ("ours", "ours_default", "theirs"):
             tps[experts][who] = tokens / median(tps[experts][f"{who}_times_s"])
     for experts in SCALING_EXPERTS[1:]:
         results.add(
@@ -502,6 +512,13 @@ def bench_scaling(args, device, results) -> None:
             f"training tokens/s with {experts} experts (ratio = ours vs ours with 8 experts)",
             tps[experts]["ours"], tps[experts]["theirs"], "tokens/s", ratio=tps[experts]["ours"] / tps[8]["ours"],
             extra={"theirs_vs_theirs_8": tps[experts]["theirs"] / tps[8]["theirs"], "per_experts": tps},
+        )
+    for experts in SCALING_EXPERTS[1:]:
+        results.add(
+            f"scaling_{experts}_experts_default_malloc",
+            f"training tokens/s with {experts} experts, glibc's default host memory policy (ours only; ratio = vs 8)",
+            tps[experts]["ours_default"], None, "tokens/s",
+            ratio=tps[experts]["ours_default"] / tps[8]["ours_default"],
         )
 
 

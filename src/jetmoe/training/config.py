@@ -133,6 +133,7 @@ class TrainerConfig:
     log_every_n_steps: int = 10
     compile: bool = False
     deterministic: bool = False
+    retain_host_memory: bool = True  # glibc keeps freed CPU memory: no page faults re-zeroing it every step
 
 
 @dataclass

@@ -38,6 +38,7 @@ from jetmoe.data.tokenizer import read_tokenizer
 from jetmoe.training.callbacks import ProgressLog, ValidateOnLastStep
 from jetmoe.training.config import ConfigError, ExperimentConfig, build_model_config, to_yaml
 from jetmoe.training.expert_callback import ExpertUtilizationCallback
+from jetmoe.training.host_memory import retain_freed_memory
 from jetmoe.distributed import save_hf
 from jetmoe.distributed.strategy import FSDP2Strategy
 from jetmoe.training.module import JetMoeLitModule
@@ -61,6 +62,8 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     run_dir = run_dir_of(cfg)
     last_ckpt = run_dir / CHECKPOINTS / LAST_CKPT
     trainer = _build_trainer(cfg, run_dir)  # first: rejects unsupported settings before anything is written
+    if cfg.trainer.retain_host_memory:
+        retain_freed_memory()
     _prepare_run_dir(run_dir, last_ckpt, resume, to_yaml(cfg))
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
 
