@@ -110,9 +110,9 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 scale_C1 = scale_N[rows, None].to(compute_dtype)
                 if need_dh:
                     dh_ND[rows] = (probs_CV @ w_VD32).mul_(scale_C1)
-                if need_dw:
+                if need_dw:  # accumulated in fp32 (a bf16 product is added without an fp32 copy)
                     dw_VD.addmm_(probs_CV.t(), h_CD * scale_C1) if compute_dtype == torch.float32 else dw_VD.add_(
-                        (probs_CV.t() @ (h_CD * scale_C1)).float()
+                        probs_CV.t() @ (h_CD * scale_C1)
                     )
         ctx.save_for_backward(dh_ND, None if dw_VD is None else dw_VD.to(w_VD.dtype))
         return loss

@@ -94,6 +94,28 @@ def test_rotary_matches_rotate_half_formula():
     torch.testing.assert_close(dx, dx_ref)
 
 
+@pytest.mark.parametrize("dtype, compiled", [(torch.float32, False), (torch.bfloat16, False), (torch.float32, True)])
+def test_rms_norm_matches_transformers_formula(dtype, compiled):
+    x = (torch.randn(2, 5, 16) * 3).to(dtype)
+    weight = (torch.rand(16) + 0.5).to(dtype)
+
+    def reference(t, w):  # transformers' JetMoeRMSNorm
+        t32 = t.float()
+        return w * (t32 * torch.rsqrt(t32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(t.dtype)
+
+    fn = lambda t, w: ops.rms_norm(t, w, 1e-6)  # noqa: E731
+    if compiled:
+        torch._dynamo.reset()
+        fn = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    y, (dx, dw), dy = _grads(fn, x, weight)
+    y_ref, (dx_ref, dw_ref), _ = _grads(reference, x, weight, dy=dy)
+    # bf16: the fp32 statistics may round the last bit differently
+    tol = {} if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(y, y_ref, **tol)
+    torch.testing.assert_close(dx, dx_ref, **tol)
+    torch.testing.assert_close(dw, dw_ref, **tol)
+
+
 @pytest.fixture
 def no_bf16_units(monkeypatch):
     monkeypatch.setattr(ops, "cpu_has_bf16_units", lambda: False)

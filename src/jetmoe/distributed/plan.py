@@ -16,8 +16,9 @@ Activation bytes per decoder block: `block_activation_terms` lists the tensors t
 (s = activation dtype bytes, 4 or 2; N tokens; M = N·k routed rows; D hidden; A = H·Dh one expert's
 attention width; F expert intermediate size; E experts; k top-k; H key/value heads)::
 
-    hidden states    N·D·6s (fp32)  or  N·D·(3s + 16) (bf16: the norms and routers keep fp32 copies)
-                     block input, normed input, norm output, for the attention and the MoE half each
+    hidden states    N·D·4s (fp32)  or  N·D·(3s + 8) (bf16: the routers keep fp32 copies)
+                     each half's block input (kept by its norm) and norm output (kept by the K|V projection
+                     and the routers; the MoE half's only by its router, in fp32)
     MoA queries/out  M·A·3s         roped queries, attention output (per slot), its copy in expert order
     MoA keys/values  N·A·3s         the K|V projection (values are a view of it) and the roped keys
     MoA / MoE rows   M·D·4s         routed input rows and expert outputs, for MoA and MoE each
@@ -29,10 +30,10 @@ attention width; F expert intermediate size; E experts; k top-k; H key/value hea
                      MoA's two int64 head permutations
 
 A checkpointed block keeps only its input (N·D·s) and, for the auxiliary losses, its routers' fp32 logits
-and probabilities and aux top-k indices. The LM head keeps the final norm's tensors (N·D·3s, or N·D·(2s + 4)
-in bf16), the logits (N·V·s) and the fp32 log-probabilities of the cross-entropy (N·V·4); with
-`skip_logits=True` (the fused chunked cross-entropy, what training uses) the last two become N·D·s + V·D·s
-(its stored gradients) instead.
+and probabilities and aux top-k indices. The LM head keeps the final norm's input and output (N·D·2s), the
+logits (N·V·s) and the fp32 log-probabilities of the cross-entropy (N·V·4); with `skip_logits=True` (the
+fused chunked cross-entropy, what training uses) the norm output and the last two become N·D·s + V·D·s (the
+stored gradients) instead.
 
 Throughput: model FLOPs per token = 6·N_active + 12·L·(k·H·Dh)·T (PaLM's convention: causal masking not
 discounted, recomputation not counted), tokens/day = gpus · peak_tflops · mfu · 86400 / FLOPs per token.
@@ -63,7 +64,7 @@ def block_activation_terms(config: JetMoeConfig, tokens: int, dtype_bytes: int) 
     D, F, E, H = config.hidden_size, config.intermediate_size, config.num_local_experts, config.num_key_value_heads
     A, M = H * config.kv_channels, tokens * k
     return {
-        "hidden states": N * D * (6 * s if s == 4 else 3 * s + 16),
+        "hidden states": N * D * (4 * s if s == 4 else 3 * s + 8),
         "MoA queries/out": M * A * 3 * s,
         "MoA keys/values": N * A * 3 * s,
         "MoA / MoE rows": M * D * 4 * s,
@@ -84,12 +85,12 @@ def _checkpointed_block_bytes(config: JetMoeConfig, tokens: int, dtype_bytes: in
 
 
 def _head_bytes(config: JetMoeConfig, tokens: int, dtype_bytes: int, skip_logits: bool) -> int:
-    """Final norm, then logits and fp32 log-probabilities of the cross-entropy, or (fused CE) its stored
-    gradients of the hidden states and the LM-head weight."""
-    norm = tokens * config.hidden_size * (3 * dtype_bytes if dtype_bytes == 4 else 2 * dtype_bytes + 4)
+    """Final norm's input, then its output, the logits and the fp32 log-probabilities of the cross-entropy, or
+    (fused CE) the stored gradients of the hidden states and the LM-head weight."""
+    norm_input = tokens * config.hidden_size * dtype_bytes
     if skip_logits:
-        return norm + (tokens + config.vocab_size) * config.hidden_size * dtype_bytes
-    return norm + tokens * config.vocab_size * (dtype_bytes + 4)
+        return norm_input + (tokens + config.vocab_size) * config.hidden_size * dtype_bytes
+    return 2 * norm_input + tokens * config.vocab_size * (dtype_bytes + 4)
 
 
 def checkpointed_blocks(num_layers: int, activation_checkpointing: str) -> int:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from jetmoe.model.ops import rotary
+from jetmoe.model.ops import rms_norm, rotary
 
 
 class RMSNorm(nn.Module):
@@ -21,9 +21,7 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
     def forward(self, x_BTD: torch.Tensor) -> torch.Tensor:
-        x32_BTD = x_BTD.float()
-        x32_BTD = x32_BTD * torch.rsqrt(x32_BTD.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32_BTD.to(x_BTD.dtype)
+        return rms_norm(x_BTD, self.weight, self.eps)
 
 
 class RotaryEmbedding(nn.Module):

@@ -99,16 +99,7 @@ def _maybe_upcast(*tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def _grouped_mm_impl(x_MI: torch.Tensor, w_EIO: torch.Tensor, offsets_E: torch.Tensor) -> torch.Tensor:
     dtype = x_MI.dtype
     x_MI, w_EIO = _maybe_upcast(x_MI, w_EIO)
-    if x_MI.device.type != "cpu":
-        return torch._grouped_mm(x_MI, w_EIO, offs=offsets_E).to(dtype)
-    # On the CPU reading the offsets costs no synchronisation: one GEMM per non-empty group.
-    y_MO = x_MI.new_empty(x_MI.shape[0], w_EIO.shape[-1])
-    start = 0
-    for e, end in enumerate(offsets_E.tolist()):
-        if end > start:
-            torch.mm(x_MI[start:end], w_EIO[e], out=y_MO[start:end])
-        start = end
-    return y_MO.to(dtype)
+    return torch._grouped_mm(x_MI, w_EIO, offs=offsets_E).to(dtype)
 
 
 @torch.library.custom_op("jetmoe::grouped_mm", mutates_args=())
@@ -299,3 +290,46 @@ class _Rotary(torch.autograd.Function):
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding `x * cos + rotate_half(x) * sin` (cos/sin broadcast against x; they get no gradient)."""
     return _Rotary.apply(x, cos, sin)
+
+
+# ----------------------------------------------------------------------------- RMSNorm
+
+
+def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rsqrt(mean(x²) + eps)` over the last dim, in fp32, in one pass with no fp32 copy of `x`."""
+    norm = torch.linalg.vector_norm(x, dim=-1, keepdim=True, dtype=torch.float32)
+    return norm.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
+
+
+def _normalized(x: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
+    """`(x · rstd)` computed in fp32 and rounded once to x's dtype, in one pass."""
+    return torch.mul(x, rstd, out=torch.empty_like(x))
+
+
+class _RMSNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        rstd = _rms_scale(x, eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return _normalized(x, rstd).mul_(weight)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, rstd = ctx.saved_tensors
+        xhat32 = torch.mul(x, rstd)  # the fp32 normalized input
+        dweight = None
+        if ctx.needs_input_grad[1]:
+            # As autograd does: the weight multiplies the normalized input rounded to x's dtype.
+            dweight = (dy * xhat32.to(dy.dtype)).flatten(0, -2).sum(0, dtype=torch.float32).to(weight.dtype)
+        dxhat32 = torch.mul(dy, weight, out=torch.empty_like(xhat32))
+        # d/dx of x·rstd(x) = rstd · (dxhat - xhat · mean(dxhat · xhat)).
+        mean_N1 = torch.linalg.vecdot(dxhat32, xhat32).unsqueeze(-1).div_(-x.shape[-1])
+        dx32 = dxhat32.addcmul_(xhat32, mean_N1)
+        dx = dx32.mul_(rstd) if x.dtype == torch.float32 else torch.mul(dx32, rstd, out=torch.empty_like(x))
+        return dx, dweight, None
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """`weight · cast(x32 · rsqrt(mean(x32²) + eps))` with x32 = x in fp32 (transformers' JetMoeRMSNorm), in
+    three passes over `x` where autograd's composition takes six and keeps fp32 copies for backward."""
+    return _RMSNorm.apply(x, weight, eps)
