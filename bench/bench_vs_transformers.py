@@ -17,8 +17,9 @@ What is measured (ours = `jetmoe`, theirs = transformers with SDPA attention):
   included; ours with the dynamic cache (eager) and with the static cache + compiled step.
 - the decode bound: the plain chain of matrix products one decode step needs (per layer the KV projection, the
   routers, and the query/output and MLP weights of every expert the step's tokens chose; the LM head), run with
-  `F.linear` for as many steps, interleaved with the decode runs; decode tokens/s (prompt included) are reported
-  as a share of the chain's tokens/s.
+  `F.linear` for as many steps, interleaved with the decode runs (one round per contender at least, the order
+  rotating: a large L3 holds a model's weights, so what ran just before matters); decode tokens/s (prompt
+  included) are reported as a share of the chain's tokens/s.
 - peak memory of a training step: peak RSS minus RSS just before the step, in a fresh subprocess per
   measurement (after one warm-up step; glibc told to return freed blocks >= 64 KiB, so RSS follows live memory);
   and the saving of gradient checkpointing (ours; transformers' JetMoe does not support it).
@@ -123,14 +124,18 @@ def sync(device: torch.device) -> None:
 
 def time_interleaved(fns: dict[str, Callable[[], Any]], iters: int, warmup: int, device) -> dict[str, list[float]]:
     """Run each function `warmup` times, then `iters` rounds of one call each, interleaved (so that the load of
-    a shared machine hits every contender alike); returns the wall times."""
+    a shared machine hits every contender alike) in an order that rotates every round (so that no contender
+    always runs after the same one, whose data it would find in, or evict from, the caches); returns the wall
+    times."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
             sync(device)
     times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(iters):
-        for name, fn in fns.items():
+    order = list(fns.items())
+    for round_ in range(iters):
+        shift = round_ % len(order)
+        for name, fn in order[shift:] + order[:shift]:
             sync(device)
             start = time.perf_counter()
             fn()
@@ -335,8 +340,8 @@ def bench_decode(args, device, results) -> None:
         chain, chain_info = decode_chain(ours, batch, ids)
         fns["chain"] = lambda: [chain() for _ in range(n)]  # n steps' worth, timed alongside
         log(f"decode batch {batch}: {n} new tokens (and the weights-only chain)")
-        with torch.no_grad():
-            times = time_interleaved(fns, args.iters, 1, device)
+        with torch.no_grad():  # at least one round per contender, so that each runs once after each other one
+            times = time_interleaved(fns, max(args.iters, len(fns)), 1, device)
         tokens = batch * n
         same = {k: bool(torch.equal(v, outs["theirs"])) for k, v in outs.items() if k != "theirs"}
         t_theirs = median(times["theirs"])
