@@ -301,17 +301,13 @@ def _rms_scale(x: torch.Tensor, eps: float) -> torch.Tensor:
     return norm.square_().div_(x.shape[-1]).add_(eps).rsqrt_()
 
 
-def _normalized(x: torch.Tensor, rstd: torch.Tensor) -> torch.Tensor:
-    """`(x · rstd)` computed in fp32 and rounded once to x's dtype, in one pass."""
-    return torch.mul(x, rstd, out=torch.empty_like(x))
-
-
 class _RMSNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, eps):
         rstd = _rms_scale(x, eps)
         ctx.save_for_backward(x, weight, rstd)
-        return _normalized(x, rstd).mul_(weight)
+        # x · rstd computed in fp32 and rounded once to x's dtype (one pass), then scaled in place
+        return torch.mul(x, rstd, out=torch.empty_like(x)).mul_(weight)
 
     @staticmethod
     def backward(ctx, dy):
