@@ -4,8 +4,9 @@ A training step frees and re-allocates the same large tensors every step: activa
 gradient, since gradients are set to None between steps. glibc serves each block over 32 MiB with fresh pages from
 `mmap` and unmaps it on `free`, so every step page-faults and zeroes all that memory again. With many experts
 that is most of the step's extra cost: at 64 experts of the benchmark's CPU preset about 2 GiB a step (see
-bench/RESULTS.md). With mmap and heap trimming turned off, a freed block is reused with no fault, as PyTorch's
-CUDA caching allocator does for device memory. The price is that the process keeps its peak footprint until it
+bench/RESULTS.md). With mmap and heap trimming turned off, freed blocks are reused with no fault once the heap
+has grown to hold a step's blocks (within the first steps), as PyTorch's CUDA caching allocator does for device
+memory. The price is that the process keeps its peak footprint until it
 exits, which a training process reaches anyway.
 """
 
