@@ -4,7 +4,9 @@ import pytest
 import torch
 
 from jetmoe import JetMoeConfig, JetMoeForCausalLM
-from jetmoe.model.experts import TopKRouter, expert_linear, grouped_mm_supported, resolve_expert_impl
+from jetmoe.model.experts import (
+    COMPILED_LOOP_ROWS, TopKRouter, expert_linear, grouped_mm_supported, resolve_expert_impl,
+)
 
 
 def _routed_rows(num_experts=4, top_k=2, tokens=37, dim=16):
@@ -71,6 +73,20 @@ def test_auto_resolves_to_grouped_on_cpu():
     assert resolve_expert_impl("loop", torch.device("cpu"), torch.float32) == "loop"
     # Rows of 5 fp32 values break the 16-byte alignment rule: fall back to the loop.
     assert resolve_expert_impl("auto", torch.device("cpu"), torch.float32, (5, 8)) == "loop"
+
+
+def test_compiled_small_cpu_batches_take_the_loop():
+    picks = []
+
+    def pick(x, rows):
+        picks.append(resolve_expert_impl("auto", x.device, x.dtype, rows=rows))
+        return x + 1
+
+    x = torch.ones(4)
+    pick(x, 2)
+    torch.compile(pick, backend="eager", fullgraph=True)(x, COMPILED_LOOP_ROWS)
+    torch.compile(pick, backend="eager", fullgraph=True)(x, COMPILED_LOOP_ROWS + 1)
+    assert picks == ["grouped", "loop", "grouped"]
 
 
 def test_unaligned_widths_still_run():

@@ -37,10 +37,21 @@ ACT_FNS = {
 }
 
 
-def resolve_expert_impl(impl: str, device: torch.device, dtype: torch.dtype, widths: tuple[int, ...] = ()) -> str:
+# Compiled on the CPU, at most this many routed rows (decoding up to 16 sequences at top-2) take the loop: its
+# few BLAS calls, with row counts read as host scalars, cost less than the grouped GEMM, which the compiled C++
+# graph calls back into Python for (`ops.grouped_mm` is a Python custom op).
+COMPILED_LOOP_ROWS = 32
+
+
+def resolve_expert_impl(
+    impl: str, device: torch.device, dtype: torch.dtype, widths: tuple[int, ...] = (), rows: int | None = None
+) -> str:
     """`auto` picks the grouped GEMM where the device runs it for this dtype and every matrix row is a multiple
-    of 16 bytes (its alignment rule), else the loop reference."""
+    of 16 bytes (its alignment rule), else the loop reference; and the loop for a compiled CPU batch of at most
+    `COMPILED_LOOP_ROWS` routed rows."""
     if impl == "auto":
+        if device.type == "cpu" and rows is not None and rows <= COMPILED_LOOP_ROWS and torch.compiler.is_compiling():
+            return "loop"
         aligned = all(width * dtype.itemsize % 16 == 0 for width in widths)
         return "grouped" if aligned and grouped_mm_supported(device.type, dtype) else "loop"
     return impl
@@ -157,10 +168,10 @@ class ParallelExperts(nn.Module):
         return torch.stack(rows).view(N, k, -1)
 
 
-def _module_impl(module: nn.Module, x: torch.Tensor) -> str:
+def _module_impl(module: nn.Module, x: torch.Tensor, routing: Routing) -> str:
     """The expert implementation of an MoE / MoA layer: one choice for both of its expert weights."""
     widths = (*module.input_linear.weight.shape[1:], *module.output_linear.weight.shape[1:])
-    return resolve_expert_impl(module.expert_impl, x.device, x.dtype, widths)
+    return resolve_expert_impl(module.expert_impl, x.device, x.dtype, widths, routing.experts_Nk.numel())
 
 
 def combine(y_MD: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:
@@ -205,7 +216,7 @@ class MixtureOfExperts(nn.Module):
             out_ND = (routing.gates_Nk.unsqueeze(1) @ y_NkD).squeeze(1) + self.bias
             return out_ND.view(B, T, D), routing.logits_NE
         routing = self.router(x_ND)
-        impl = _module_impl(self, x_ND)
+        impl = _module_impl(self, x_ND, routing)
         if impl == "loop":  # reference
             h_M2F = self.input_linear(x_ND[routing.token_M], routing, impl)
             gate_MF, up_MF = h_M2F.chunk(2, dim=-1)
@@ -272,7 +283,7 @@ class MixtureOfAttentionHeads(nn.Module):
             q_BTQD = q_NkA.view(B, T, k, H, Dh).transpose(2, 3).reshape(B, T, H * k, Dh)
             return q_BTQD, (routing, None)
         routing = self.router(x_ND)
-        impl = _module_impl(self, x_ND)
+        impl = _module_impl(self, x_ND, routing)
         if impl == "loop":  # reference: unsort to (token, slot) order, then put slots inside heads
             q_MA = self.input_linear(x_ND[routing.token_M], routing, impl)
             q_MA = torch.zeros_like(q_MA).index_copy(0, routing.slot_M, q_MA)
@@ -292,7 +303,7 @@ class MixtureOfAttentionHeads(nn.Module):
             o_NkA = o_BTQD.reshape(B * T, self.num_heads, self.top_k, Dh).transpose(1, 2).reshape(B * T, -1, A)
             y_NkD = self.output_linear.per_slot(o_NkA, routing.experts_Nk)
             return ((routing.gates_Nk.unsqueeze(1) @ y_NkD).squeeze(1) + self.bias).view(B, T, -1)
-        impl = _module_impl(self, o_BTQD)
+        impl = _module_impl(self, o_BTQD, routing)
         if impl == "loop":  # reference
             o_MA = o_BTQD.reshape(B, T, self.num_heads, self.top_k, Dh).transpose(2, 3).reshape(-1, A)[routing.slot_M]
             y_MD = self.output_linear(o_MA, routing, impl)
