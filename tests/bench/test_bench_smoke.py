@@ -11,7 +11,7 @@ pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = {
-    "train_fp32", "train_bf16", "train_fp32_compiled", "forward_fp32",
+    "train_fp32", "train_bf16", "train_fp32_compiled", "train_bf16_compiled", "forward_fp32",
     "decode_b1_dynamic", "decode_b1_static_compiled", "decode_b1", "decode_b1_chain_share",
     "decode_b8_dynamic", "decode_b8_static_compiled", "decode_b8", "decode_b8_chain_share",
     "train_peak_memory", "grad_checkpointing_memory", "scaling_32_experts", "scaling_64_experts",
@@ -28,7 +28,7 @@ def test_bench_quick_tiny_writes_all_rows(tmp_path):
     for name in ("train_fp32", "train_bf16", "forward_fp32", "decode_b1", "decode_b8", "train_peak_memory"):
         assert rows[name]["ours"] > 0 and rows[name]["ratio"] > 0, name
     assert rows["decode_b1"]["target"] == ">= 1.4"
-    assert rows["train_fp32_compiled"]["skipped"] == "--quick"
+    assert rows["train_fp32_compiled"]["skipped"] == rows["train_bf16_compiled"]["skipped"] == "--quick"
     assert result["gemm_peak"]["float32"]["flops_per_s"] > 0
     markdown = (tmp_path / "latest.md").read_text()
     assert "| metric | ours | transformers | ratio | target | met |" in markdown
