@@ -10,8 +10,8 @@ also writes the markdown to `bench/RESULTS.md`.
 What is measured (ours = `jetmoe`, theirs = transformers with SDPA attention):
 - training step tokens/s (forward + backward of CE + aux loss, `zero_grad(set_to_none=True)`; wall time, median
   of interleaved runs after a warm-up): fp32 eager, bf16 eager (both models cast to bf16), and ours under
-  `torch.compile` in both precisions (against transformers' eager step; glibc's default host memory policy in
-  this process, for both). Ours uses `skip_logits=True` (CE fused with
+  `torch.compile` in both precisions (against transformers' eager step, in the same interleaved rounds; glibc's
+  default host memory policy in this process, for both). Ours uses `skip_logits=True` (CE fused with
   the LM head, logits never materialised); transformers returns logits, as it has no such option.
 - forward tokens/s (eval, no grad, logits returned by both).
 - decode tokens/s at batch 1 and 8: `generate` greedy with a fixed number of new tokens (EOS disabled), prompt
@@ -215,20 +215,34 @@ def bench_training(args, device, results) -> None:
         if dtype != torch.float32:
             ours.to(dtype)
             theirs.to(dtype)
-        log(f"training step {dtype_name} eager")
-        times = time_interleaved(
-            {"ours": train_step_fn(ours, ids, True), "theirs": train_step_fn(theirs, ids, False)},
-            args.train_iters if dtype == torch.float32 else args.iters, args.warmup, device,
-        )
+        fns = {"ours": train_step_fn(ours, ids, True), "theirs": train_step_fn(theirs, ids, False)}
+        compiled_name = f"train_{dtype_name}_compiled"
+        compiled_label = f"training step tokens/s ({dtype_name}, ours compiled vs theirs eager)"
+        if args.quick:
+            results.skip(compiled_name, compiled_label, "--quick")
+        else:
+            log(f"training step {dtype_name}, ours compiled: compiling")
+            fns["ours_compiled"] = train_step_fn(torch.compile(ours), ids, True)
+            start = time.perf_counter()
+            fns["ours_compiled"]()
+            sync(device)
+            compile_s = time.perf_counter() - start
+        log(f"training step {dtype_name}: ours eager{', ours compiled' * (not args.quick)} and theirs, interleaved")
+        times = time_interleaved(fns, args.train_iters if dtype == torch.float32 else args.iters, args.warmup, device)
         t_ours, t_theirs = median(times["ours"]), median(times["theirs"])
         peak = results.peak_for(dtype)
         results.add(
             f"train_{dtype_name}", f"training step tokens/s ({dtype_name}, eager)", tokens / t_ours,
-            tokens / t_theirs, "tokens/s", times=times,
+            tokens / t_theirs, "tokens/s", times={k: times[k] for k in ("ours", "theirs")},
             extra={"mfu_ours": flops / t_ours / peak if peak else None,
                    "mfu_theirs": flops / t_theirs / peak if peak else None,
                    "flops_per_s_ours": flops / t_ours, "flops_per_s_theirs": flops / t_theirs},
         )
+        if "ours_compiled" in times:
+            t_c = median(times["ours_compiled"])
+            results.add(compiled_name, compiled_label, tokens / t_c, tokens / t_theirs, "tokens/s",
+                        times={"ours": times["ours_compiled"], "theirs": times["theirs"]},
+                        extra={"compile_s": compile_s, "mfu_ours": flops / t_c / peak if peak else None})
         if dtype == torch.float32:
             log("forward (eval, no grad) fp32")
             ours.eval()
@@ -238,22 +252,6 @@ def bench_training(args, device, results) -> None:
                                          args.train_iters, args.warmup, device)
             results.add("forward_fp32", "forward tokens/s (fp32, eval)", tokens / median(times["ours"]),
                         tokens / median(times["theirs"]), "tokens/s", times=times)
-            ours.train()
-        name = f"train_{dtype_name}_compiled"
-        label = f"training step tokens/s ({dtype_name}, ours compiled vs theirs eager)"
-        if args.quick:
-            results.skip(name, label, "--quick")
-        else:
-            log(f"training step {dtype_name}, ours compiled (first call compiles)")
-            compiled = torch.compile(ours)
-            start = time.perf_counter()
-            train_step_fn(compiled, ids, True)()
-            sync(device)
-            compile_s = time.perf_counter() - start
-            times = time_interleaved({"ours": train_step_fn(compiled, ids, True)}, args.iters, 1, device)
-            t_c = median(times["ours"])
-            results.add(name, label, tokens / t_c, tokens / t_theirs, "tokens/s", times=times,
-                        extra={"compile_s": compile_s, "mfu_ours": flops / t_c / peak if peak else None})
         del ours, theirs
         gc.collect()
 

@@ -5,7 +5,8 @@ import torch
 
 from jetmoe import JetMoeConfig, JetMoeForCausalLM
 from jetmoe.model.experts import (
-    COMPILED_LOOP_ROWS, TopKRouter, expert_linear, grouped_mm_supported, resolve_expert_impl,
+    COMPILED_LOOP_ROWS, ParallelExperts, TopKRouter, expert_linear, gathered_products, grouped_mm_supported,
+    resolve_expert_impl,
 )
 
 
@@ -73,6 +74,17 @@ def test_auto_resolves_to_grouped_on_cpu():
     assert resolve_expert_impl("loop", torch.device("cpu"), torch.float32) == "loop"
     # Rows of 5 fp32 values break the 16-byte alignment rule: fall back to the loop.
     assert resolve_expert_impl("auto", torch.device("cpu"), torch.float32, (5, 8)) == "loop"
+
+
+def test_per_slot_products_equal_the_gathered_form():
+    """The CPU decode path (a BLAS product per slot) against the gathered multiply-sum used on other devices."""
+    experts = ParallelExperts(num_experts=5, in_features=16, out_features=24, init_std=0.1)
+    x_NkI, ids_Nk = torch.randn(3, 2, 16), torch.randint(0, 5, (3, 2))
+    expected = gathered_products(experts.weight, x_NkI, ids_Nk)
+    torch.testing.assert_close(experts.per_slot(x_NkI, ids_Nk), expected)
+    shared_N1I = x_NkI[:, :1]  # one input for both slots (MoE input, MoA queries)
+    expected = gathered_products(experts.weight, shared_N1I, ids_Nk)
+    torch.testing.assert_close(experts.per_slot(shared_N1I, ids_Nk), expected)
 
 
 def test_compiled_small_cpu_batches_take_the_loop():

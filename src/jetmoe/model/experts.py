@@ -26,7 +26,7 @@ from jetmoe.model.ops import dispatch_tokens, gather_rows, glu, grouped_mm, grou
 
 __all__ = [
     "ACT_FNS", "MixtureOfAttentionHeads", "MixtureOfExperts", "ParallelExperts", "Routing", "TopKRouter",
-    "combine", "expert_linear", "grouped_mm", "grouped_mm_supported", "resolve_expert_impl",
+    "combine", "expert_linear", "gathered_products", "grouped_mm", "grouped_mm_supported", "resolve_expert_impl",
 ]
 
 ACT_FNS = {
@@ -137,6 +137,12 @@ class TopKRouter(nn.Module):
         )
 
 
+def gathered_products(w_EOI: torch.Tensor, x_NkI: torch.Tensor, experts_Nk: torch.Tensor) -> torch.Tensor:
+    """`y[n, j] = W[experts[n, j]] @ x[n, j]` as a gathered multiply-sum: compiled, one fused kernel that reads
+    each chosen expert's weight in place."""
+    return (w_EOI[experts_Nk] * x_NkI.unsqueeze(-2)).sum(-1)
+
+
 class ParallelExperts(nn.Module):
     """E linear maps stored as one `[E, out, in]` weight (the HF / ScatterMoE layout)."""
 
@@ -153,9 +159,12 @@ class ParallelExperts(nn.Module):
         return expert_linear(x_MI, self.weight, routing.counts_E, routing.offsets_E, impl)
 
     def per_slot(self, x_NkI: torch.Tensor, experts_Nk: torch.Tensor) -> torch.Tensor:
-        """`y[n, j] = W[experts[n, j]] @ x[n, j]` (x may broadcast over j): one matrix-vector product per slot on
-        a view of the chosen expert's weight. Compiled, each expert id becomes a host scalar and each product a
-        BLAS call on the weight in place (no sort, no copy; a fused gathered multiply-sum ran ~25 % slower)."""
+        """`y[n, j] = W[experts[n, j]] @ x[n, j]` (x may broadcast over j), reading each chosen expert's weight in
+        place (no sort, no copy). On the CPU: one BLAS matrix-vector product per slot on a view of the weight,
+        each expert id read as a host scalar (a fused gathered multiply-sum ran ~25 % slower there). Elsewhere,
+        where reading a scalar would stall the device: that gathered multiply-sum, one fused kernel."""
+        if x_NkI.device.type != "cpu":
+            return gathered_products(self.weight, x_NkI, experts_Nk)
         N, k = experts_Nk.shape
         x_NkI = x_NkI.expand(N, k, -1)
         rows = []
