@@ -10,9 +10,10 @@ also writes the markdown to `bench/RESULTS.md`.
 What is measured (ours = `jetmoe`, theirs = transformers with SDPA attention):
 - training step tokens/s (forward + backward of CE + aux loss, `zero_grad(set_to_none=True)`; wall time, median
   of interleaved runs after a warm-up): fp32 eager, bf16 eager (both models cast to bf16), and ours under
-  `torch.compile` in both precisions (against transformers' eager step, in the same interleaved rounds; glibc's
-  default host memory policy in this process, for both). Ours uses `skip_logits=True` (CE fused with
-  the LM head, logits never materialised); transformers returns logits, as it has no such option.
+  `torch.compile` in both precisions (against transformers' eager step, in the same interleaved rounds). Both
+  run under glibc's default host memory policy in this process, or under `jetmoe train`'s with
+  `--retain-host-memory`. Ours uses `skip_logits=True` (CE fused with the LM head, logits never
+  materialised); transformers returns logits, as it has no such option.
 - forward tokens/s (eval, no grad, logits returned by both).
 - decode tokens/s at batch 1 and 8: `generate` greedy with a fixed number of new tokens (EOS disabled), prompt
   included; ours with the dynamic cache (eager) and with the static cache + compiled step.
@@ -592,7 +593,8 @@ def to_markdown(results: Results) -> str:
         f"- machine: {m['machine']}, {m['threads']} torch threads; torch {m['torch']}, transformers "
         f"{m['transformers']}; {m['date']}",
         f"- command: `{m['command']}`",
-        f"- model: {m['model']}; batch {m['batch']} x {m['seq']} tokens",
+        f"- model: {m['model']}; batch {m['batch']} x {m['seq']} tokens; host memory policy (main process): "
+        f"{m['host_memory']}",
         "",
         "| metric | ours | transformers | ratio | target | met |",
         "|---|---:|---:|---:|---:|:---:|",
@@ -665,6 +667,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="comma-separated subset of gemm,train,decode,memory,scaling")
     p.add_argument("--out-dir", type=Path, default=BENCH_DIR / "results")
     p.add_argument("--publish", action="store_true", help="also write the markdown to bench/RESULTS.md")
+    p.add_argument("--retain-host-memory", action="store_true",
+                   help="run the main process under `jetmoe train`'s host memory policy (both libraries)")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.iters is None:
@@ -684,6 +688,8 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.retain_host_memory:
+        retain_freed_memory()
     if args.config == "gpu" and not torch.cuda.is_available():
         log("--config gpu needs CUDA")
         return 2
@@ -694,6 +700,7 @@ def main(argv: list[str] | None = None) -> int:
         "threads": torch.get_num_threads(), "torch": torch.__version__, "transformers": transformers.__version__,
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"), "model": asdict(make_config(args.config)),
         "batch": preset["batch"], "seq": preset["seq"], "iters": args.iters,
+        "host_memory": "retained" if args.retain_host_memory else "glibc default",
         "command": "python " + " ".join(shlex.quote(a) for a in [str(Path(sys.argv[0])), *sys.argv[1:]]),
     })
     results.meta["model"] = ", ".join(f"{k}={v}" for k, v in preset["model"].items())
