@@ -213,7 +213,8 @@ def test_gradient_checkpointing_with_fast_paths(tiny_config, monkeypatch):
 
 
 def test_small_batch_path_equals_sorted_path(tiny_config, monkeypatch):
-    """The decode path (one product per slot on the chosen expert's weight, no sort) against the grouped path: forward and gradients."""
+    """The decode path (one product per slot on the chosen expert's weight, no sort) against the grouped path:
+    forward and gradients."""
     model = JetMoeForCausalLM(tiny_config).train()
     ids = torch.randint(0, 128, (2, 5))
     ref = model(ids, labels=ids)
