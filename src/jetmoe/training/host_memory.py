@@ -6,8 +6,8 @@ gradient, since gradients are set to None between steps. glibc serves each block
 that is most of the step's extra cost: at 64 experts of the benchmark's CPU preset about 2 GiB a step (see
 bench/RESULTS.md). With mmap and heap trimming turned off, freed blocks are reused with no fault once the heap
 has grown to hold a step's blocks (within the first steps), as PyTorch's CUDA caching allocator does for device
-memory. The price is that the process keeps its peak footprint until it
-exits, which a training process reaches anyway.
+memory. The price is that the process keeps its peak footprint until it exits, which a training process
+reaches anyway.
 """
 
 from __future__ import annotations
