@@ -116,6 +116,40 @@ def test_rms_norm_matches_transformers_formula(dtype, compiled):
     torch.testing.assert_close(dw, dw_ref, **tol)
 
 
+def _gqa_inputs(B=2, T=37, H=2, G=2, Dh=16, peak=4.0):
+    """bf16 q `[B, H·G, T, Dh]`, k and v `[B, H, T, Dh]` as the model lays them out (strided views), and dO."""
+    q = (torch.randn(B, T, H * G, Dh) * peak).bfloat16().transpose(1, 2)  # peaked: some rows near one-hot
+    kv = torch.randn(B, T, 2, H, Dh).bfloat16()
+    return q, kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2), torch.randn(B, H * G, T, Dh).bfloat16()
+
+
+@pytest.mark.parametrize("block, chunk", [(8, 64), (64, 2**21)])  # several blocks and head groups; one block
+def test_causal_attention_backward_matches_fp32_sdpa(block, chunk, monkeypatch):
+    monkeypatch.setattr(ops, "ATTN_BLOCK", block)
+    monkeypatch.setattr(ops, "ATTN_CHUNK_ELEMENTS", chunk)
+    q, k, v, do = _gqa_inputs()
+    sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=True)  # noqa: E731
+    o, grads, _ = _grads(ops.causal_attention, q, k, v, dy=do)
+    o_flash, grads_flash, _ = _grads(sdpa, q, k, v, dy=do)
+    _, grads_ref, _ = _grads(sdpa, q.float(), k.float(), v.float(), dy=do.float())
+    assert torch.equal(o, o_flash)  # the forward is the CPU flash kernel's
+    for g, g_flash, g_ref in zip(grads, grads_flash, grads_ref):
+        assert g.dtype == torch.bfloat16 and g.shape == g_ref.shape
+        err, err_flash = ((x.float() - g_ref).norm() / g_ref.norm() for x in (g, g_flash))
+        assert err < max(3 * err_flash, 4e-3), (err, err_flash)  # bf16 level, as flash's own bf16 backward
+
+
+def test_bf16_training_takes_the_blocked_attention_backward(monkeypatch):
+    monkeypatch.setattr(ops, "cpu_has_bf16_units", lambda: True)
+    q = _gqa_inputs()[0].requires_grad_()
+    assert ops.blocked_attention_backward(q, 0.0, True)
+    assert not ops.blocked_attention_backward(q, 0.1, True)  # dropout: SDPA
+    assert not ops.blocked_attention_backward(q, 0.0, False)  # a mask: SDPA
+    assert not ops.blocked_attention_backward(q.detach().float().requires_grad_(), 0.0, True)
+    with torch.no_grad():
+        assert not ops.blocked_attention_backward(q, 0.0, True)
+
+
 @pytest.fixture
 def no_bf16_units(monkeypatch):
     monkeypatch.setattr(ops, "cpu_has_bf16_units", lambda: False)

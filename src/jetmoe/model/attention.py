@@ -18,7 +18,7 @@ from torch import nn
 from jetmoe.config import JetMoeConfig
 from jetmoe.model.experts import MixtureOfAttentionHeads, Routing
 from jetmoe.model.layers import apply_rotary
-from jetmoe.model.ops import linear, upcast_bf16
+from jetmoe.model.ops import blocked_attention_backward, causal_attention, linear, upcast_bf16
 
 
 class DynamicKVCache:
@@ -72,7 +72,10 @@ KVCache = DynamicKVCache | StaticKVCache
 
 def _sdpa(q_BQTD, k_BHTD, v_BHTD, mask, dropout: float, is_causal: bool) -> torch.Tensor:
     """SDPA with grouped-query heads (query head i uses key/value head i // (Q / H)); `is_causal` without a mask
-    lets the CPU pick its flash kernel. bf16 runs in fp32 where the bf16 policy says so (`ops.upcast_bf16`)."""
+    lets the CPU pick its flash kernel. bf16 runs in fp32 where the bf16 policy says so (`ops.upcast_bf16`), and
+    bf16 training on a CPU with bf16 units takes `ops.causal_attention` (the same forward, a faster backward)."""
+    if mask is None and q_BQTD.shape[2] == k_BHTD.shape[2] and blocked_attention_backward(q_BQTD, dropout, is_causal):
+        return causal_attention(q_BQTD, k_BHTD, v_BHTD)
     dtype = q_BQTD.dtype
     if upcast_bf16(q_BQTD.device.type, dtype):
         q_BQTD, k_BHTD, v_BHTD = q_BQTD.float(), k_BHTD.float(), v_BHTD.float()

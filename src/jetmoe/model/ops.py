@@ -1,7 +1,8 @@
 """Low-level ops of the model, each with a hand-written backward where autograd's default costs extra passes over
 memory or extra allocations: the grouped expert GEMM, row permutations and token dispatch (gathers whose backward
-is a gather too, never an accumulating scatter), the gated mix of the k expert outputs, the GLU and rotary
-embeddings. Plus the bf16 matmul policy for CPUs without bf16 units (`upcast_bf16`).
+is a gather too, never an accumulating scatter), the gated mix of the k expert outputs, the causal attention
+backward for bf16 on CPUs, the GLU and rotary embeddings. Plus the bf16 matmul policy for CPUs without bf16 units
+(`upcast_bf16`).
 
 Every op here is tested against a plain-PyTorch reference, forward and gradients (tests/model/test_fast_paths.py).
 
@@ -221,6 +222,111 @@ def mix(
     """`bias + Σ_j gates[n, j] · y[rank[n, j]]`: each token's k expert rows mixed by its gates in one gather,
     scale and sum pass (`embedding_bag` with per-sample weights), without a `[M, D]` temporary."""
     return _Mix.apply(y_MD, gates_Nk, bias_D, rank_Nk, token_M, slot_M)
+
+
+# ----------------------------------------------------------------------------- causal attention (CPU, bf16)
+
+ATTN_BLOCK = 64  # query positions per block of the backward
+ATTN_CHUNK_ELEMENTS = 2**21  # score elements per block and group of heads (4 MiB in bf16)
+
+
+def _hi_lo(x32: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x32` as the sum of two `dtype` tensors (about 16 significant bits where one bf16 holds 8)."""
+    hi = x32.to(dtype)
+    return hi, (x32 - hi).to(dtype)
+
+
+def _key_rows(x_BHTD: torch.Tensor, tail_BHT2: torch.Tensor) -> torch.Tensor:
+    """`[N, Dh + 2, T]` (N = B·H): each key/value head transposed, with two extra rows `tail`."""
+    B, H, T, Dh = x_BHTD.shape
+    out = x_BHTD.new_empty(B, H, Dh + 2, T)
+    out[:, :, :Dh].copy_(x_BHTD.transpose(-2, -1))
+    out[:, :, Dh:].copy_(tail_BHT2.transpose(-2, -1))
+    return out.view(B * H, Dh + 2, T)
+
+
+def _query_rows(x_BQTD: torch.Tensor, tail_BQT2: torch.Tensor, H: int) -> torch.Tensor:
+    """`[N, T·G, Dh + 2]`: the G query heads of each key/value head as rows ordered (position, head), so that a
+    block of positions is a block of rows; plus two extra columns `tail`."""
+    B, Q, T, Dh = x_BQTD.shape
+    G = Q // H
+    out = x_BQTD.new_empty(B, H, T, G, Dh + 2)
+    out[..., :Dh].copy_(x_BQTD.view(B, H, G, T, Dh).transpose(2, 3))
+    out[..., Dh:].copy_(tail_BQT2.view(B, H, G, T, 2).transpose(2, 3))
+    return out.view(B * H, T * G, Dh + 2)
+
+
+def _causal_attention_backward(q_BQTD, k_BHTD, v_BHTD, o_BQTD, lse_BQT, do_BQTD):
+    """Flash-attention backward by blocks of query positions, every product a batched bf16 GEMM (oneDNN / AMX).
+
+    The logsumexp and `D = rowsum(dO ∘ O)` ride in the GEMMs as two extra columns each (hi and lo bf16 parts),
+    so the GEMMs output `S - lse` and `dP - D` directly: small near the probabilities that matter, where bf16
+    keeps them accurate. The elementwise work (scale and exp, the causal mask, `P ∘ (dP - D)`) runs in place on
+    blocks that stay in cache; key/value gradients accumulate in fp32."""
+    B, Q, T, Dh = q_BQTD.shape
+    H, dtype = k_BHTD.shape[1], q_BQTD.dtype
+    G, N, scale = Q // H, B * H, Dh**-0.5
+    ones_BHT2 = k_BHTD.new_ones(B, H, T, 2)
+    q_NRX = _query_rows(q_BQTD, torch.stack(_hi_lo(lse_BQT / -scale, dtype), -1), H)  # R = T·G rows, X = Dh + 2
+    D_BQT = torch.linalg.vecdot(do_BQTD.float(), o_BQTD.float())
+    do_NRX = _query_rows(do_BQTD, torch.stack(_hi_lo(-D_BQT, dtype), -1), H)
+    kT_NXT, vT_NXT = _key_rows(k_BHTD, ones_BHT2), _key_rows(v_BHTD, ones_BHT2)
+    k_NTD = k_BHTD.reshape(N, T, Dh)
+
+    Tb = min(ATTN_BLOCK, T)
+    pos = torch.arange(Tb, device=q_BQTD.device)
+    future_RT = (pos[None, :] > pos[:, None]).repeat_interleave(G, 0)  # row (t, head) sees key s <= t
+    dq_NRD = q_BQTD.new_empty(N, T * G, Dh)
+    dkT_NDT = torch.zeros(N, Dh, T, device=q_BQTD.device)
+    dvT_NDT = torch.zeros_like(dkT_NDT)
+    heads = max(1, ATTN_CHUNK_ELEMENTS // (Tb * G * T))
+    for n0 in range(0, N, heads):
+        n = slice(n0, n0 + heads)
+        for t0 in range(0, T, Tb):
+            t1 = min(t0 + Tb, T)
+            r = slice(t0 * G, t1 * G)
+            p_NRT = torch.bmm(q_NRX[n, r], kT_NXT[n, :, :t1]).mul_(scale).exp_()
+            p_NRT[:, :, t0:].masked_fill_(future_RT[: (t1 - t0) * G, : t1 - t0], 0.0)
+            ds_NRT = torch.bmm(do_NRX[n, r], vT_NXT[n, :, :t1]).mul_(p_NRT)  # P ∘ (dP - D)
+            dq_NRD[n, r] = torch.bmm(ds_NRT, k_NTD[n, :t1])
+            dkT_NDT[n, :, :t1].add_(torch.bmm(q_NRX[n, r, :Dh].transpose(1, 2), ds_NRT))
+            dvT_NDT[n, :, :t1].add_(torch.bmm(do_NRX[n, r, :Dh].transpose(1, 2), p_NRT))
+
+    dq_BQTD = torch.empty_like(q_BQTD)
+    torch.mul(dq_NRD.view(B, H, T, G, Dh).transpose(2, 3), scale, out=dq_BQTD.view(B, H, G, T, Dh))
+    dk_BHTD = dkT_NDT.mul_(scale).view(B, H, Dh, T).transpose(-2, -1).to(dtype)
+    dv_BHTD = dvT_NDT.view(B, H, Dh, T).transpose(-2, -1).to(dtype)
+    return dq_BQTD, dk_BHTD, dv_BHTD
+
+
+class _CausalAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q_BQTD, k_BHTD, v_BHTD):
+        o_BQTD, lse_BQT = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+            q_BQTD, k_BHTD, v_BHTD, 0.0, True
+        )[:2]
+        ctx.save_for_backward(q_BQTD, k_BHTD, v_BHTD, o_BQTD, lse_BQT)
+        return o_BQTD
+
+    @staticmethod
+    def backward(ctx, do_BQTD):
+        return _causal_attention_backward(*ctx.saved_tensors, do_BQTD)
+
+
+def blocked_attention_backward(q: torch.Tensor, dropout: float, is_causal: bool) -> bool:
+    """Does `causal_attention` apply? Causal, no mask or dropout, bf16 on a CPU with bf16 units, eager, and
+    differentiated. There the CPU flash kernel's backward runs in fp32 (about 5x its forward's time)."""
+    return (
+        is_causal and dropout == 0.0 and q.device.type == "cpu" and q.dtype == torch.bfloat16
+        and torch.is_grad_enabled() and q.requires_grad and cpu_has_bf16_units()
+        and not torch.compiler.is_compiling()
+    )
+
+
+def causal_attention(q_BQTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> torch.Tensor:
+    """Causal grouped-query attention (query head i uses key/value head i // (Q / H)) with the default scale:
+    forward by the CPU flash kernel, backward by `_causal_attention_backward`."""
+    return _CausalAttention.apply(q_BQTD, k_BHTD, v_BHTD)
 
 
 # ----------------------------------------------------------------------------- GLU
