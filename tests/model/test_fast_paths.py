@@ -7,6 +7,7 @@ import torch.nn.functional as F
 
 from jetmoe import JetMoeConfig, JetMoeForCausalLM
 from jetmoe.losses import causal_lm_cross_entropy, linear_cross_entropy
+from jetmoe.model import attention as attention_mod
 from jetmoe.model import experts as experts_mod
 from jetmoe.model import ops
 from jetmoe.model.attention import StaticKVCache
@@ -148,6 +149,14 @@ def test_bf16_training_takes_the_blocked_attention_backward(monkeypatch):
     assert not ops.blocked_attention_backward(q.detach().float().requires_grad_(), 0.0, True)
     with torch.no_grad():
         assert not ops.blocked_attention_backward(q, 0.0, True)
+
+
+def test_compiled_bf16_training_attention_keeps_sdpa():
+    q, k, v, _ = _gqa_inputs()
+    q.requires_grad_()
+    torch._dynamo.reset()  # fullgraph raises at a graph break (e.g. tracing into the cpuinfo read)
+    sdpa = torch.compile(attention_mod._sdpa, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(sdpa(q, k, v, None, 0.0, True), ops.causal_attention(q, k, v))
 
 
 @pytest.fixture

@@ -316,10 +316,9 @@ class _CausalAttention(torch.autograd.Function):
 def blocked_attention_backward(q: torch.Tensor, dropout: float, is_causal: bool) -> bool:
     """Does `causal_attention` apply? Causal, no mask or dropout, bf16 on a CPU with bf16 units, eager, and
     differentiated. There the CPU flash kernel's backward runs in fp32 (about 5x its forward's time)."""
-    return (
-        is_causal and dropout == 0.0 and q.device.type == "cpu" and q.dtype == torch.bfloat16
-        and torch.is_grad_enabled() and q.requires_grad and cpu_has_bf16_units()
-        and not torch.compiler.is_compiling()
+    return (  # `is_compiling` first: tracing must not reach `cpu_has_bf16_units` (a file read)
+        not torch.compiler.is_compiling() and is_causal and dropout == 0.0 and q.device.type == "cpu"
+        and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and q.requires_grad and cpu_has_bf16_units()
     )
 
 
