@@ -142,13 +142,16 @@ def test_causal_attention_backward_matches_fp32_sdpa(block, chunk, monkeypatch):
 
 def test_bf16_training_takes_the_blocked_attention_backward(monkeypatch):
     monkeypatch.setattr(ops, "cpu_has_bf16_units", lambda: True)
-    q = _gqa_inputs()[0].requires_grad_()
-    assert ops.blocked_attention_backward(q, 0.0, True)
-    assert not ops.blocked_attention_backward(q, 0.1, True)  # dropout: SDPA
-    assert not ops.blocked_attention_backward(q, 0.0, False)  # a mask: SDPA
-    assert not ops.blocked_attention_backward(q.detach().float().requires_grad_(), 0.0, True)
+    q, k, _, _ = _gqa_inputs()
+    q.requires_grad_()
+    assert ops.blocked_attention_backward(q, k, None, 0.0, True)
+    assert not ops.blocked_attention_backward(q, k, None, 0.1, True)  # dropout: SDPA
+    assert not ops.blocked_attention_backward(q, k, None, 0.0, False)  # not causal: SDPA
+    assert not ops.blocked_attention_backward(q, k, torch.ones(37, 37, dtype=torch.bool), 0.0, True)  # a mask
+    assert not ops.blocked_attention_backward(q, k[:, :, :5], None, 0.0, True)  # fewer keys than queries
+    assert not ops.blocked_attention_backward(q.detach().float().requires_grad_(), k.float(), None, 0.0, True)
     with torch.no_grad():
-        assert not ops.blocked_attention_backward(q, 0.0, True)
+        assert not ops.blocked_attention_backward(q, k, None, 0.0, True)
 
 
 def test_compiled_bf16_training_attention_keeps_sdpa():

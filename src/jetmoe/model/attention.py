@@ -74,7 +74,7 @@ def _sdpa(q_BQTD, k_BHTD, v_BHTD, mask, dropout: float, is_causal: bool) -> torc
     """SDPA with grouped-query heads (query head i uses key/value head i // (Q / H)); `is_causal` without a mask
     lets the CPU pick its flash kernel. bf16 runs in fp32 where the bf16 policy says so (`ops.upcast_bf16`), and
     bf16 training on a CPU with bf16 units takes `ops.causal_attention` (the same forward, a faster backward)."""
-    if mask is None and q_BQTD.shape[2] == k_BHTD.shape[2] and blocked_attention_backward(q_BQTD, dropout, is_causal):
+    if blocked_attention_backward(q_BQTD, k_BHTD, mask, dropout, is_causal):
         return causal_attention(q_BQTD, k_BHTD, v_BHTD)
     dtype = q_BQTD.dtype
     if upcast_bf16(q_BQTD.device.type, dtype):

@@ -313,12 +313,16 @@ class _CausalAttention(torch.autograd.Function):
         return _causal_attention_backward(*ctx.saved_tensors, do_BQTD)
 
 
-def blocked_attention_backward(q: torch.Tensor, dropout: float, is_causal: bool) -> bool:
-    """Does `causal_attention` apply? Causal, no mask or dropout, bf16 on a CPU with bf16 units, eager, and
-    differentiated. There the CPU flash kernel's backward runs in fp32 (about 5x its forward's time)."""
+def blocked_attention_backward(
+    q_BQTD: torch.Tensor, k_BHTD: torch.Tensor, mask: torch.Tensor | None, dropout: float, is_causal: bool
+) -> bool:
+    """Does `causal_attention` apply? Causal self-attention (as many keys as queries), no mask or dropout, bf16
+    on a CPU with bf16 units, eager, and differentiated. There the CPU flash kernel's backward runs in fp32
+    (about 5x its forward's time)."""
     return (  # `is_compiling` first: tracing must not reach `cpu_has_bf16_units` (a file read)
-        not torch.compiler.is_compiling() and is_causal and dropout == 0.0 and q.device.type == "cpu"
-        and q.dtype == torch.bfloat16 and torch.is_grad_enabled() and q.requires_grad and cpu_has_bf16_units()
+        not torch.compiler.is_compiling() and is_causal and mask is None and dropout == 0.0
+        and q_BQTD.shape[2] == k_BHTD.shape[2] and q_BQTD.device.type == "cpu" and q_BQTD.dtype == torch.bfloat16
+        and torch.is_grad_enabled() and q_BQTD.requires_grad and cpu_has_bf16_units()
     )
 
 
