@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from jetmoe import JetMoeConfig, JetMoeForCausalLM
+from jetmoe.model import experts as experts_mod
 from jetmoe.model.experts import (
-    COMPILED_LOOP_ROWS, ParallelExperts, TopKRouter, expert_linear, gathered_products, grouped_mm_supported,
+    LOOP_ROWS, ParallelExperts, TopKRouter, expert_linear, gathered_products, grouped_mm_supported,
     resolve_expert_impl,
 )
 
@@ -16,17 +17,22 @@ def _routed_rows(num_experts=4, top_k=2, tokens=37, dim=16):
     return routing, torch.randn(tokens * top_k, dim, requires_grad=True)
 
 
+@pytest.mark.parametrize("tokens", [37, 5])  # 5 tokens: the loop's few-row products (`ops.few_rows_linear`)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grouped_linear_equals_loop(dtype):
-    routing, x = _routed_rows()
+def test_grouped_linear_equals_loop(dtype, tokens, monkeypatch):
+    routing, x = _routed_rows(tokens=tokens)
     x = x.detach().to(dtype).requires_grad_()
     w = torch.randn(4, 24, 16, dtype=dtype, requires_grad=True)
     dy = torch.randn(x.shape[0], 24, dtype=dtype)
+    calls, few_rows_linear = [], experts_mod.few_rows_linear
+    monkeypatch.setattr(experts_mod, "few_rows_linear", lambda x, w: calls.append(len(x)) or few_rows_linear(x, w))
     outs, grads = {}, {}
     for impl in ("grouped", "loop"):
         y = expert_linear(x, w, routing.counts_E, routing.offsets_E, impl)
         outs[impl] = y
         grads[impl] = torch.autograd.grad(y, (x, w), dy)
+    few = dtype == torch.float32 and x.shape[0] <= LOOP_ROWS
+    assert calls == (routing.counts_E.tolist() if few else [])
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(outs["grouped"], outs["loop"], **tol)
     for g, r in zip(grads["grouped"], grads["loop"]):
@@ -87,7 +93,7 @@ def test_per_slot_products_equal_the_gathered_form():
     torch.testing.assert_close(experts.per_slot(shared_N1I, ids_Nk), expected)
 
 
-def test_compiled_small_cpu_batches_take_the_loop():
+def test_small_cpu_batches_take_the_loop_compiled_or_in_fp32_inference():
     picks = []
 
     def pick(x, rows):
@@ -95,10 +101,14 @@ def test_compiled_small_cpu_batches_take_the_loop():
         return x + 1
 
     x = torch.ones(4)
-    pick(x, 2)
-    torch.compile(pick, backend="eager", fullgraph=True)(x, COMPILED_LOOP_ROWS)
-    torch.compile(pick, backend="eager", fullgraph=True)(x, COMPILED_LOOP_ROWS + 1)
-    assert picks == ["grouped", "loop", "grouped"]
+    pick(x, 2)  # training
+    with torch.no_grad():
+        pick(x, LOOP_ROWS)
+        pick(x, LOOP_ROWS + 1)
+        pick(x.bfloat16(), 2)
+    torch.compile(pick, backend="eager", fullgraph=True)(x.bfloat16(), LOOP_ROWS)
+    torch.compile(pick, backend="eager", fullgraph=True)(x.bfloat16(), LOOP_ROWS + 1)
+    assert picks == ["grouped", "loop", "grouped", "grouped", "loop", "grouped"]
 
 
 def test_unaligned_widths_still_run():

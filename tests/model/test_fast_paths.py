@@ -162,6 +162,23 @@ def test_compiled_bf16_training_attention_keeps_sdpa():
     torch.testing.assert_close(sdpa(q, k, v, None, 0.0, True), ops.causal_attention(q, k, v))
 
 
+@pytest.mark.parametrize("shape", [(16,), (1, 1, 16), (2, 16), (2, 2, 16), (5, 16)])
+def test_few_rows_linear_equals_f_linear(shape, monkeypatch):
+    """`ops.linear` on at most `FEW_ROWS` fp32 rows takes the transposed product (one row doubled), forward and
+    gradients equal to `F.linear`; more rows take `F.linear`."""
+    calls, few_rows_linear = [], ops.few_rows_linear
+    monkeypatch.setattr(ops, "few_rows_linear", lambda x, w: calls.append(x.shape) or few_rows_linear(x, w))
+    x, w = torch.randn(shape), torch.randn(24, 16)
+    y, (dx, dw), dy = _grads(ops.linear, x, w)
+    y_ref, (dx_ref, dw_ref), _ = _grads(F.linear, x, w, dy=dy)
+    assert y.shape == y_ref.shape
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(dx, dx_ref)
+    torch.testing.assert_close(dw, dw_ref)
+    rows = x.numel() // 16
+    assert calls == ([] if rows > ops.FEW_ROWS else [(max(rows, 2), 16)])
+
+
 @pytest.fixture
 def no_bf16_units(monkeypatch):
     monkeypatch.setattr(ops, "cpu_has_bf16_units", lambda: False)

@@ -20,9 +20,12 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from jetmoe.config import JetMoeConfig
-from jetmoe.model.ops import dispatch_tokens, gather_rows, glu, grouped_mm, grouped_mm_supported, mix
+from jetmoe.model.ops import (
+    dispatch_tokens, few_rows_linear, gather_rows, glu, grouped_mm, grouped_mm_supported, linear, mix,
+)
 
 __all__ = [
     "ACT_FNS", "MixtureOfAttentionHeads", "MixtureOfExperts", "ParallelExperts", "Routing", "TopKRouter",
@@ -37,20 +40,22 @@ ACT_FNS = {
 }
 
 
-# Compiled on the CPU, at most this many routed rows (decoding up to 16 sequences at top-2) take the loop: its
-# few BLAS calls, with row counts read as host scalars, cost less than the grouped GEMM, which the compiled C++
-# graph calls back into Python for (`ops.grouped_mm` is a Python custom op).
-COMPILED_LOOP_ROWS = 32
+# On the CPU, at most this many routed rows (decoding up to 16 sequences at top-2, short prompts) take the loop,
+# compiled or in fp32 inference. Compiled, its few BLAS calls, with row counts read as host scalars, cost less
+# than the grouped GEMM, which the compiled C++ graph calls back into Python for (`ops.grouped_mm` is a Python
+# custom op). In fp32 it multiplies each expert's few rows in the form BLAS streams fastest (`few_rows_linear`).
+LOOP_ROWS = 32
 
 
 def resolve_expert_impl(
     impl: str, device: torch.device, dtype: torch.dtype, widths: tuple[int, ...] = (), rows: int | None = None
 ) -> str:
     """`auto` picks the grouped GEMM where the device runs it for this dtype and every matrix row is a multiple
-    of 16 bytes (its alignment rule), else the loop reference; and the loop for a compiled CPU batch of at most
-    `COMPILED_LOOP_ROWS` routed rows."""
+    of 16 bytes (its alignment rule), else the loop reference; and the loop for a CPU batch of at most
+    `LOOP_ROWS` routed rows, compiled or in fp32 inference."""
     if impl == "auto":
-        if device.type == "cpu" and rows is not None and rows <= COMPILED_LOOP_ROWS and torch.compiler.is_compiling():
+        small = device.type == "cpu" and rows is not None and rows <= LOOP_ROWS
+        if small and (torch.compiler.is_compiling() or (dtype == torch.float32 and not torch.is_grad_enabled())):
             return "loop"
         aligned = all(width * dtype.itemsize % 16 == 0 for width in widths)
         return "grouped" if aligned and grouped_mm_supported(device.type, dtype) else "loop"
@@ -64,8 +69,15 @@ def expert_linear(
     if impl == "grouped":
         return grouped_mm(x_MI, w_EOI.transpose(-2, -1), offsets_E)
     # Reference: one matmul per expert; `.tolist()` syncs with the host (not compilable, like transformers).
+    # A few rows in fp32 on the CPU (decoding) take the faster form of BLAS for them (`few_rows_linear`). Compiled,
+    # a row count summed from host-read counts is unknown while tracing: taken as few, since compiled graphs take
+    # the loop for small batches only (`resolve_expert_impl`).
+    few = x_MI.device.type == "cpu" and x_MI.dtype == torch.float32 and guard_or_true(
+        x_MI.shape[0] <= LOOP_ROWS
+    )
+    product = few_rows_linear if few else F.linear
     chunks = x_MI.split(counts_E.tolist())
-    return torch.cat([F.linear(chunk_I, w_EOI[e]) for e, chunk_I in enumerate(chunks)])
+    return torch.cat([product(chunk_I, w_EOI[e]) for e, chunk_I in enumerate(chunks)])
 
 
 # Compiled decoding of at most this many routed rows (tokens · k) skips the sort and the grouped GEMM: each row
@@ -173,7 +185,7 @@ class ParallelExperts(nn.Module):
                 e = experts_Nk[n, j].item()
                 torch._check(e >= 0)
                 torch._check(e < self.weight.shape[0])
-                rows.append(F.linear(x_NkI[n, j], self.weight[e]))
+                rows.append(linear(x_NkI[n, j], self.weight[e]))
         return torch.stack(rows).view(N, k, -1)
 
 
