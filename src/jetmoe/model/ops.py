@@ -64,7 +64,7 @@ FEW_ROWS = 4  # at most this many rows of fp32 on the CPU take `few_rows_linear`
 
 def few_rows_linear(x_MI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     """`x @ w^T` computed as `(w @ x^T)^T`. For 2–4 fp32 rows on the CPU, BLAS streams the weight about twice as
-    fast in this form (measured on an AMD EPYC, weights read from memory: 19–26 GB/s against 10–14 GB/s for
+    fast in this form (one-off, on an AMD EPYC, weights read from memory: 19–26 GB/s against 10–14 GB/s for
     `F.linear`, and 15–20 GB/s for one row, a matrix-vector product in either form). In bf16 it is slower."""
     return torch.mm(w_OI, x_MI.t()).t()
 
