@@ -263,12 +263,12 @@ def bench_training(args, device, results) -> None:
 
 
 def decode_chain(
-    model: JetMoeForCausalLM, batch: int, prompt_ids: torch.Tensor, product: Callable = F.linear
-) -> tuple[Callable[[], None], dict]:
-    """The plain chain of matrix products (`product(x, w) = x @ w^T`) one decode step needs: per layer the KV
-    projection, both routers, and for every expert a token of the step chose, its query/output (MoA) and
-    input/output (MoE) weights applied to the rows routed to it; then the LM head. The experts are those of a
-    real decode step of the model."""
+    model: JetMoeForCausalLM, batch: int, prompt_ids: torch.Tensor, products: dict[str, Callable]
+) -> tuple[dict[str, Callable[[], None]], dict]:
+    """The plain chain of matrix products one decode step needs, one chain per form (`product(x, w) = x @ w^T`)
+    on the same weights and inputs: per layer the KV projection, both routers, and for every expert a token of
+    the step chose, its query/output (MoA) and input/output (MoE) weights applied to the rows routed to it; then
+    the LM head. The experts are those of a real decode step of the model."""
     chosen: list[torch.Tensor] = []
     hooks = [
         m.register_forward_hook(lambda mod, inp, out: chosen.append(out.experts_Nk.flatten().cpu()))
@@ -300,14 +300,16 @@ def decode_chain(
     mats.append((model.lm_head.weight, batch))
     inputs = [torch.randn(rows, w.shape[1], device=device, dtype=dtype) for w, rows in mats]
 
-    @torch.no_grad()
-    def chain() -> None:
-        for (w, _), x in zip(mats, inputs):
-            product(x, w)
+    def chain(product: Callable) -> Callable[[], None]:
+        @torch.no_grad()
+        def run() -> None:
+            for (w, _), x in zip(mats, inputs):
+                product(x, w)
+        return run
 
     info = {"weight_bytes": sum(w.numel() * w.element_size() for w, _ in mats), "matmuls": len(mats),
             "mean_experts_touched_per_router": statistics.mean(experts_touched)}
-    return chain, info
+    return {form: chain(product) for form, product in products.items()}, info
 
 
 def bench_decode(args, device, results) -> None:
@@ -341,8 +343,8 @@ def bench_decode(args, device, results) -> None:
             static()
             compile_s = time.perf_counter() - start
             fns["ours_static_compiled"] = run("ours_static_compiled", static)
-        chains = {form: decode_chain(ours, batch, ids, product) for form, product in CHAIN_FORMS.items()}
-        for form, (chain, _) in chains.items():  # n steps' worth, timed alongside
+        chains, chain_info = decode_chain(ours, batch, ids, CHAIN_FORMS)
+        for form, chain in chains.items():  # n steps' worth, timed alongside
             fns[f"chain_{form}"] = lambda chain=chain: [chain() for _ in range(n)]
         log(f"decode batch {batch}: {n} new tokens (and the weights-only chain in {len(chains)} forms)")
         with torch.no_grad():  # at least one round per contender, so that each runs once after each other one
@@ -367,16 +369,17 @@ def bench_decode(args, device, results) -> None:
         best_tps = tokens / median(times[best])
         results.add(f"decode_b{batch}", f"decode tokens/s, batch {batch} (ours best: {best.removeprefix('ours_')})",
                     best_tps, tokens / t_theirs, "tokens/s")
-        for form, (_, info) in chains.items():
+        infos = []
+        for form in chains:
             t_chain = median(times[f"chain_{form}"])
-            info.update(form=form, tokens_per_s=tokens / t_chain, seconds_per_step=t_chain / n,
-                        weight_bytes_per_s=info["weight_bytes"] * n / t_chain)
-        bound = max((info for _, info in chains.values()), key=lambda info: info["tokens_per_s"])
+            infos.append(dict(chain_info, form=form, tokens_per_s=tokens / t_chain, seconds_per_step=t_chain / n,
+                              weight_bytes_per_s=chain_info["weight_bytes"] * n / t_chain))
+        bound = max(infos, key=lambda info: info["tokens_per_s"])
         results.add(f"decode_b{batch}_chain_share",
                     f"decode tokens/s as a share of the weights-only chain (the faster form), batch {batch} "
                     "(ours best)", best_tps / bound["tokens_per_s"], (tokens / t_theirs) / bound["tokens_per_s"],
                     "share", ratio=best_tps / bound["tokens_per_s"],
-                    extra={"chains": [info for _, info in chains.values()]})
+                    extra={"chains": infos})
     del ours, theirs
     gc.collect()
 
