@@ -19,10 +19,11 @@ What is measured (ours = `jetmoe`, theirs = transformers with SDPA attention):
   included; ours with the dynamic cache (eager) and with the static cache + compiled step.
 - the decode bound: the plain chain of matrix products one decode step needs (per layer the KV projection, the
   routers, and the query/output and MLP weights of every expert the step's tokens chose; the LM head), run for
-  as many steps in two BLAS forms: `F.linear`, and `jetmoe.model.ops.linear` (at most 4 fp32 rows on the CPU as
-  `(w @ x^T)^T`, the form BLAS streams faster there); interleaved with the decode runs (one round per contender
-  at least, the order rotating: a large L3 holds a model's weights, so what ran just before matters). Decode
-  tokens/s (prompt included) are reported as a share of the faster chain's tokens/s.
+  as many steps in two BLAS forms: `F.linear`, and `(w @ x^T)^T` for at most 4 rows (the form ours takes for a
+  few fp32 rows on CPUs whose BLAS runs it faster, `jetmoe.model.ops.few_rows_form_faster`); interleaved with
+  the decode runs (one round per contender at least, the order rotating: a large L3 holds a model's weights, so
+  what ran just before matters). Decode tokens/s (prompt included) are reported as a share of the faster
+  chain's tokens/s.
 - peak memory of a training step: peak RSS minus RSS just before the step, in a fresh subprocess per
   measurement (after one warm-up step; glibc told to return freed blocks >= 64 KiB, so RSS follows live memory);
   and the saving of gradient checkpointing (ours; transformers' JetMoe does not support it).
@@ -58,6 +59,7 @@ import torch.nn.functional as F
 
 import jetmoe
 from jetmoe import DynamicKVCache, JetMoeConfig, JetMoeForCausalLM
+from jetmoe.model import ops
 from jetmoe.training.host_memory import retain_freed_memory
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -80,7 +82,14 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 SCALING_EXPERTS = (8, 32, 64)
-CHAIN_FORMS = {"F.linear": F.linear, "ops.linear": jetmoe.model.ops.linear}  # the decode chain's BLAS forms
+
+
+def few_rows_form(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """`(w @ x^T)^T` for at most `FEW_ROWS` rows (`ops.linear`'s form on CPUs whose BLAS runs it faster)."""
+    return ops.few_rows_product(x, w) if len(x) <= ops.FEW_ROWS else F.linear(x, w)
+
+
+CHAIN_FORMS = {"F.linear": F.linear, "(w @ x^T)^T": few_rows_form}  # the decode chain's two BLAS forms
 
 TARGETS = {  # row name -> (comparison, threshold): ratio >= threshold, or <= for memory
     "train_fp32": (">=", 1.25),
@@ -319,6 +328,7 @@ def bench_decode(args, device, results) -> None:
     torch.manual_seed(0)
     ours = JetMoeForCausalLM(config).to(device).eval()
     theirs = hf_twin(ours).eval()
+    fp32_cpu = device.type == "cpu" and ours.dtype == torch.float32
     for batch in (1, 8):
         torch.manual_seed(1)
         ids = torch.randint(0, config.vocab_size, (batch, P), device=device)
@@ -379,7 +389,7 @@ def bench_decode(args, device, results) -> None:
                     f"decode tokens/s as a share of the weights-only chain (the faster form), batch {batch} "
                     "(ours best)", best_tps / bound["tokens_per_s"], (tokens / t_theirs) / bound["tokens_per_s"],
                     "share", ratio=best_tps / bound["tokens_per_s"],
-                    extra={"chains": infos})
+                    extra={"chains": infos, "ours_few_rows_form": fp32_cpu and ops.few_rows_form_faster()})
     del ours, theirs
     gc.collect()
 
@@ -628,6 +638,9 @@ def to_markdown(results: Results) -> str:
                          f"{c['weight_bytes'] / 2**20:.0f} MiB of weights, {c['tokens_per_s']:.0f} tokens/s "
                          f"({c['weight_bytes_per_s'] / 1e9:.1f} GB/s), {c['mean_experts_touched_per_router']:.1f} "
                          "experts per router")
+        if "ours_few_rows_form" in r:
+            form = "(w @ x^T)^T" if r["ours_few_rows_form"] else "F.linear"
+            extra.append(f"- {r['label']}: ours multiplies at most {ops.FEW_ROWS} rows as {form} (timed once)")
         if r.get("same_tokens_as_theirs") is not None:
             extra.append(f"- {r['label']}: same tokens as transformers: {r['same_tokens_as_theirs']}")
         if "compile_s" in r:

@@ -24,7 +24,8 @@ from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from jetmoe.config import JetMoeConfig
 from jetmoe.model.ops import (
-    dispatch_tokens, few_rows_linear, gather_rows, glu, grouped_mm, grouped_mm_supported, linear, mix,
+    dispatch_tokens, few_rows_form_faster, few_rows_linear, gather_rows, glu, grouped_mm, grouped_mm_supported,
+    linear, mix,
 )
 
 __all__ = [
@@ -43,7 +44,7 @@ ACT_FNS = {
 # On the CPU, at most this many routed rows (decoding up to 16 sequences at top-2, short prompts) take the loop,
 # compiled or in fp32 inference. Compiled, its few BLAS calls, with row counts read as host scalars, cost less
 # than the grouped GEMM, which the compiled C++ graph calls back into Python for (`ops.grouped_mm` is a Python
-# custom op). In fp32 it multiplies each expert's few rows in the form BLAS streams fastest (`few_rows_linear`).
+# custom op). In fp32 it multiplies each expert's few rows in the form this CPU's BLAS streams fastest.
 LOOP_ROWS = 32
 
 
@@ -52,10 +53,11 @@ def resolve_expert_impl(
 ) -> str:
     """`auto` picks the grouped GEMM where the device runs it for this dtype and every matrix row is a multiple
     of 16 bytes (its alignment rule), else the loop reference; and the loop for a CPU batch of at most
-    `LOOP_ROWS` routed rows, compiled or in fp32 inference."""
+    `LOOP_ROWS` routed rows, compiled, or in fp32 inference where the few-row form is faster on this CPU."""
     if impl == "auto":
         small = device.type == "cpu" and rows is not None and rows <= LOOP_ROWS
-        if small and (torch.compiler.is_compiling() or (dtype == torch.float32 and not torch.is_grad_enabled())):
+        fp32_inference = dtype == torch.float32 and not torch.is_grad_enabled()
+        if small and (torch.compiler.is_compiling() or (fp32_inference and few_rows_form_faster())):
             return "loop"
         aligned = all(width * dtype.itemsize % 16 == 0 for width in widths)
         return "grouped" if aligned and grouped_mm_supported(device.type, dtype) else "loop"
@@ -69,12 +71,12 @@ def expert_linear(
     if impl == "grouped":
         return grouped_mm(x_MI, w_EOI.transpose(-2, -1), offsets_E)
     # Reference: one matmul per expert; `.tolist()` syncs with the host (not compilable, like transformers).
-    # A few rows in fp32 on the CPU (decoding) take the faster form of BLAS for them (`few_rows_linear`). Compiled,
-    # a row count summed from host-read counts is unknown while tracing: taken as few, since compiled graphs take
-    # the loop for small batches only (`resolve_expert_impl`).
+    # A few rows in fp32 on the CPU (decoding) take `few_rows_linear` where this CPU's BLAS runs it faster.
+    # Compiled, a row count summed from host-read counts is unknown while tracing: taken as few, since compiled
+    # graphs take the loop for small batches only (`resolve_expert_impl`).
     few = x_MI.device.type == "cpu" and x_MI.dtype == torch.float32 and guard_or_true(
         x_MI.shape[0] <= LOOP_ROWS
-    )
+    ) and few_rows_form_faster()
     product = few_rows_linear if few else F.linear
     chunks = x_MI.split(counts_E.tolist())
     return torch.cat([product(chunk_I, w_EOI[e]) for e, chunk_I in enumerate(chunks)])
