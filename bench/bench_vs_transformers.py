@@ -19,9 +19,9 @@ What is measured (ours = `jetmoe`, theirs = transformers with SDPA attention):
   included; ours with the dynamic cache (eager) and with the static cache + compiled step.
 - the decode bound: the plain chain of matrix products one decode step needs (per layer the KV projection, the
   routers, and the query/output and MLP weights of every expert the step's tokens chose; the LM head), run for
-  as many steps in two BLAS forms: `F.linear`, and `(w @ x^T)^T` for at most 4 rows (the form ours takes for a
-  few fp32 rows on CPUs whose BLAS runs it faster, `jetmoe.model.ops.few_rows_form_faster`); interleaved with
-  the decode runs (one round per contender at least, the order rotating: a large L3 holds a model's weights, so
+  as many steps in three BLAS forms: `F.linear`; `(w @ x^T)^T` for at most 16 rows; and `ops.linear`, which
+  takes the second for a row count where this CPU's BLAS runs it faster (`ops.few_rows_form_faster`, timed);
+  interleaved with the decode runs (one round per contender at least, the order rotating: a large L3 holds a model's weights, so
   what ran just before matters). Decode tokens/s (prompt included) are reported as a share of the faster
   chain's tokens/s.
 - peak memory of a training step: peak RSS minus RSS just before the step, in a fresh subprocess per
@@ -85,11 +85,12 @@ SCALING_EXPERTS = (8, 32, 64)
 
 
 def few_rows_form(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`(w @ x^T)^T` for at most `FEW_ROWS` rows (`ops.linear`'s form on CPUs whose BLAS runs it faster)."""
+    """`(w @ x^T)^T` for at most `FEW_ROWS` rows, else `F.linear`."""
     return ops.few_rows_product(x, w) if len(x) <= ops.FEW_ROWS else F.linear(x, w)
 
 
-CHAIN_FORMS = {"F.linear": F.linear, "(w @ x^T)^T": few_rows_form}  # the decode chain's two BLAS forms
+# The decode chain's BLAS forms: each of the two throughout, and ours' choice by row count (`ops.linear`).
+CHAIN_FORMS = {"F.linear": F.linear, "(w @ x^T)^T": few_rows_form, "ops.linear": ops.linear}
 
 TARGETS = {  # row name -> (comparison, threshold): ratio >= threshold, or <= for memory
     "train_fp32": (">=", 1.25),
@@ -328,7 +329,10 @@ def bench_decode(args, device, results) -> None:
     torch.manual_seed(0)
     ours = JetMoeForCausalLM(config).to(device).eval()
     theirs = hf_twin(ours).eval()
-    fp32_cpu = device.type == "cpu" and ours.dtype == torch.float32
+    few_rows_table = {  # rows -> ours takes (w @ x^T)^T (timed on this CPU)
+        rows: device.type == "cpu" and ours.dtype == torch.float32 and ops.few_rows_form_faster(rows)
+        for rows in (1, 2, 4, 8, 16)
+    }
     for batch in (1, 8):
         torch.manual_seed(1)
         ids = torch.randint(0, config.vocab_size, (batch, P), device=device)
@@ -389,7 +393,7 @@ def bench_decode(args, device, results) -> None:
                     f"decode tokens/s as a share of the weights-only chain (the faster form), batch {batch} "
                     "(ours best)", best_tps / bound["tokens_per_s"], (tokens / t_theirs) / bound["tokens_per_s"],
                     "share", ratio=best_tps / bound["tokens_per_s"],
-                    extra={"chains": infos, "ours_few_rows_form": fp32_cpu and ops.few_rows_form_faster()})
+                    extra={"chains": infos, "ours_few_rows_form": few_rows_table})
     del ours, theirs
     gc.collect()
 
@@ -639,8 +643,9 @@ def to_markdown(results: Results) -> str:
                          f"({c['weight_bytes_per_s'] / 1e9:.1f} GB/s), {c['mean_experts_touched_per_router']:.1f} "
                          "experts per router")
         if "ours_few_rows_form" in r:
-            form = "(w @ x^T)^T" if r["ours_few_rows_form"] else "F.linear"
-            extra.append(f"- {r['label']}: ours multiplies at most {ops.FEW_ROWS} rows as {form} (timed once)")
+            forms = ", ".join(f"{rows}: {'(w @ x^T)^T' if few else 'F.linear'}"
+                              for rows, few in r["ours_few_rows_form"].items())
+            extra.append(f"- {r['label']}: the form ours takes by row count (timed on this CPU): {forms}")
         if r.get("same_tokens_as_theirs") is not None:
             extra.append(f"- {r['label']}: same tokens as transformers: {r['same_tokens_as_theirs']}")
         if "compile_s" in r:

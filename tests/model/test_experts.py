@@ -27,7 +27,7 @@ def test_grouped_linear_equals_loop(dtype, tokens, few_rows_faster, monkeypatch)
     dy = torch.randn(x.shape[0], 24, dtype=dtype)
     calls, few_rows_linear = [], experts_mod.few_rows_linear
     monkeypatch.setattr(experts_mod, "few_rows_linear", lambda x, w: calls.append(len(x)) or few_rows_linear(x, w))
-    monkeypatch.setattr(experts_mod, "few_rows_form_faster", lambda: few_rows_faster)
+    monkeypatch.setattr(experts_mod, "few_rows_form_faster", lambda rows: few_rows_faster)
     outs, grads = {}, {}
     for impl in ("grouped", "loop"):
         y = expert_linear(x, w, routing.counts_E, routing.offsets_E, impl)
@@ -98,7 +98,7 @@ def test_per_slot_products_equal_the_gathered_form():
 @pytest.mark.parametrize("few_rows_faster", [True, False])  # what this CPU's timing of the two forms found
 def test_small_cpu_batches_take_the_loop_compiled_or_in_fp32_inference(few_rows_faster, monkeypatch):
     """Compiled, a small batch takes the loop; in eager fp32 inference only where its few-row form is faster."""
-    monkeypatch.setattr(experts_mod, "few_rows_form_faster", lambda: few_rows_faster)
+    monkeypatch.setattr(experts_mod, "few_rows_form_faster", lambda rows: few_rows_faster)
     picks = []
 
     def pick(x, rows):

@@ -166,13 +166,13 @@ def test_compiled_bf16_training_attention_keeps_sdpa():
 
 
 @pytest.mark.parametrize("few_rows_faster", [True, False])  # what this CPU's timing of the two forms found
-@pytest.mark.parametrize("shape", [(16,), (1, 1, 16), (2, 16), (2, 2, 16), (5, 16)])
+@pytest.mark.parametrize("shape", [(16,), (1, 1, 16), (2, 16), (2, 2, 16), (5, 16), (17, 16)])
 def test_few_rows_linear_equals_f_linear(shape, few_rows_faster, monkeypatch):
     """`ops.linear` on at most `FEW_ROWS` fp32 rows takes the transposed product (one row doubled) where it is
     faster, forward and gradients equal to `F.linear`; more rows, or a CPU where it is slower, take `F.linear`."""
     calls, few_rows_linear = [], ops.few_rows_linear
     monkeypatch.setattr(ops, "few_rows_linear", lambda x, w: calls.append(x.shape) or few_rows_linear(x, w))
-    monkeypatch.setattr(ops, "few_rows_form_faster", lambda: few_rows_faster)
+    monkeypatch.setattr(ops, "few_rows_form_faster", lambda rows: few_rows_faster)
     x, w = torch.randn(shape), torch.randn(24, 16)
     y, (dx, dw), dy = _grads(ops.linear, x, w)
     y_ref, (dx_ref, dw_ref), _ = _grads(F.linear, x, w, dy=dy)
@@ -194,23 +194,24 @@ def fresh_few_rows_timing():
 @pytest.mark.parametrize("faster", [True, False])
 def test_few_rows_form_is_chosen_by_timing_it_once(faster, fresh_few_rows_timing, monkeypatch):
     """The form is picked by timing both (here against a stand-in that is instant, or 1 ms slower a call), once
-    per process, without touching the caller's random stream."""
-    calls = []
+    per process and power of two of rows (the one at or below decides), without touching the random stream."""
+    rows_timed = []
 
     def stand_in(x, w):
-        calls.append(x.shape)
+        rows_timed.append(len(x))
         if not faster:
             time.sleep(1e-3)
-        return x
+        return torch.zeros(w.shape[0], len(x)).t()
 
     monkeypatch.setattr(ops, "few_rows_linear", stand_in)
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    assert ops.few_rows_form_faster() is faster
+    assert ops.few_rows_form_faster(3) is faster
     torch.testing.assert_close(torch.rand(3), expected)
-    timed = len(calls)
-    assert timed > 0 and ops.few_rows_form_faster() is faster and len(calls) == timed
+    assert rows_timed and set(rows_timed) == {2}
+    assert ops.few_rows_form_faster(2) is faster and set(rows_timed) == {2}  # the same power of two: not re-timed
+    assert ops.few_rows_form_faster(5) is faster and set(rows_timed) == {2, 4}
 
 
 @pytest.fixture

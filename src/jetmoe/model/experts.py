@@ -46,6 +46,7 @@ ACT_FNS = {
 # than the grouped GEMM, which the compiled C++ graph calls back into Python for (`ops.grouped_mm` is a Python
 # custom op). In fp32 it multiplies each expert's few rows in the form this CPU's BLAS streams fastest.
 LOOP_ROWS = 32
+LOOP_EXPERT_ROWS = 2  # an expert's typical share of those rows (top-2 of 8 experts, decoding up to 8 sequences)
 
 
 def resolve_expert_impl(
@@ -57,7 +58,8 @@ def resolve_expert_impl(
     if impl == "auto":
         small = device.type == "cpu" and rows is not None and rows <= LOOP_ROWS
         fp32_inference = dtype == torch.float32 and not torch.is_grad_enabled()
-        if small and (torch.compiler.is_compiling() or (fp32_inference and few_rows_form_faster())):
+        few_rows_faster = fp32_inference and few_rows_form_faster(LOOP_EXPERT_ROWS)
+        if small and (torch.compiler.is_compiling() or few_rows_faster):
             return "loop"
         aligned = all(width * dtype.itemsize % 16 == 0 for width in widths)
         return "grouped" if aligned and grouped_mm_supported(device.type, dtype) else "loop"
@@ -71,12 +73,12 @@ def expert_linear(
     if impl == "grouped":
         return grouped_mm(x_MI, w_EOI.transpose(-2, -1), offsets_E)
     # Reference: one matmul per expert; `.tolist()` syncs with the host (not compilable, like transformers).
-    # A few rows in fp32 on the CPU (decoding) take `few_rows_linear` where this CPU's BLAS runs it faster.
-    # Compiled, a row count summed from host-read counts is unknown while tracing: taken as few, since compiled
-    # graphs take the loop for small batches only (`resolve_expert_impl`).
+    # A few rows in fp32 on the CPU (decoding) take `few_rows_linear` where this CPU's BLAS runs it faster for an
+    # expert's typical share of them. Compiled, a row count summed from host-read counts is unknown while tracing:
+    # taken as few, since compiled graphs take the loop for small batches only (`resolve_expert_impl`).
     few = x_MI.device.type == "cpu" and x_MI.dtype == torch.float32 and guard_or_true(
         x_MI.shape[0] <= LOOP_ROWS
-    ) and few_rows_form_faster()
+    ) and few_rows_form_faster(LOOP_EXPERT_ROWS)
     product = few_rows_linear if few else F.linear
     chunks = x_MI.split(counts_E.tolist())
     return torch.cat([product(chunk_I, w_EOI[e]) for e, chunk_I in enumerate(chunks)])

@@ -60,41 +60,15 @@ class _UpcastLinear(torch.autograd.Function):
 
 # ----------------------------------------------------------------------------- few-row products (CPU, fp32)
 
-FEW_ROWS = 4  # at most this many rows of fp32 on the CPU take `few_rows_linear` in `linear`, where it is faster
+FEW_ROWS = 16  # at most this many fp32 rows on the CPU may take `few_rows_product` in `linear`
 
 
 def few_rows_linear(x_MI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
-    """`x @ w^T` computed as `(w @ x^T)^T`. Which form BLAS runs faster for 2–4 fp32 rows depends on the CPU
-    (one-off, weights read from memory): on an AMD EPYC this one, about twice as fast (19–26 against 10–14 GB/s;
-    one row doubled to two beats the matrix-vector product, 23–26 against 15–20); on an Intel Xeon (Cascade Lake)
-    `F.linear`, about 1.6× as fast (7.5–9 against 4.6–5 GB/s). `few_rows_form_faster` times the two once."""
+    """`x @ w^T` computed as `(w @ x^T)^T`. Which form BLAS runs faster for a few fp32 rows depends on the CPU and
+    the row count (one-off, weights read from memory): on an AMD EPYC this one for 1–4 rows, about twice as fast
+    (19–26 against 10–14 GB/s); on an Intel Xeon (Cascade Lake) `F.linear` for 1–3 rows (6.6–9.3 against
+    4.2–6 GB/s) and this one for 4–16 (4.2–6.5 against 2.9–5.6). `few_rows_form_faster` times the two."""
     return torch.mm(w_OI, x_MI.t()).t()
-
-
-@torch._dynamo.assume_constant_result  # a Python constant while tracing: no graph break
-def few_rows_form_faster() -> bool:
-    """Whether this CPU's BLAS multiplies a few fp32 rows clearly (>10 %) faster as `few_rows_linear`: both forms
-    timed once per process (~50 ms, at the first decoding step), on weights of an MLP expert's size in the CPU
-    benchmark preset, drawn from a forked generator (the caller's random stream is untouched)."""
-    return _time_few_rows_forms()
-
-
-@functools.cache
-def _time_few_rows_forms() -> bool:
-    best = {F.linear: 0.0, few_rows_linear: 0.0}
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
-        ws = [torch.randn(1024, 512) for _ in range(4)]  # 8 MiB: past the L2 caches
-        for rows in (2, 4):
-            x = torch.randn(rows, 512)
-            for product in best:
-                times = []
-                for _ in range(5):
-                    start = time.perf_counter()
-                    for w in ws:
-                        product(x, w)
-                    times.append(time.perf_counter() - start)
-                best[product] += min(times)
-    return best[few_rows_linear] < 0.9 * best[F.linear]
 
 
 def few_rows_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -106,13 +80,36 @@ def few_rows_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y_MO[:rows].reshape(*x.shape[:-1], w.shape[0])
 
 
+@torch._dynamo.assume_constant_result  # a Python constant while tracing: no graph break
+def few_rows_form_faster(rows: int) -> bool:
+    """Whether this CPU's BLAS multiplies `rows` (1 to `FEW_ROWS`) fp32 rows faster (by >5 %) as
+    `few_rows_product` than as `F.linear`, as decoding does: weights streamed from memory. Timed once per process
+    and power of two (the one at or below `rows` decides), when first asked: ~70 ms each."""
+    return _time_few_rows_forms(1 << (rows.bit_length() - 1))
+
+
+@functools.cache
+def _time_few_rows_forms(rows: int) -> bool:
+    best = {F.linear: float("inf"), few_rows_product: float("inf")}
+    with torch.no_grad():
+        ws = [torch.ones(2048, 1024) for _ in range(6)]  # 48 MiB: more than a last-level cache holds
+        x = torch.ones(rows, 1024)
+        for _ in range(5):
+            for product in best:
+                start = time.perf_counter()
+                for w in ws:
+                    product(x, w)
+                best[product] = min(best[product], time.perf_counter() - start)
+    return best[few_rows_product] < 0.95 * best[F.linear]
+
+
 def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """`F.linear` without bias, following the bf16 policy of `upcast_bf16`. At most `FEW_ROWS` fp32 rows on the
     CPU (decoding) take `few_rows_product` where this CPU's BLAS runs that form faster."""
     if upcast_bf16(x.device.type, x.dtype):
         return _UpcastLinear.apply(x, w)
     rows = x.shape[:-1].numel()
-    if x.device.type == "cpu" and x.dtype == torch.float32 and 0 < rows <= FEW_ROWS and few_rows_form_faster():
+    if x.device.type == "cpu" and x.dtype == torch.float32 and 0 < rows <= FEW_ROWS and few_rows_form_faster(rows):
         return few_rows_product(x, w)
     return F.linear(x, w)
 
