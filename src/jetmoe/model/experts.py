@@ -56,11 +56,10 @@ def resolve_expert_impl(
     of 16 bytes (its alignment rule), else the loop reference; and the loop for a CPU batch of at most
     `LOOP_ROWS` routed rows, compiled, or in fp32 inference where the few-row form is faster on this CPU."""
     if impl == "auto":
-        small = device.type == "cpu" and rows is not None and rows <= LOOP_ROWS
-        fp32_inference = dtype == torch.float32 and not torch.is_grad_enabled()
-        few_rows_faster = fp32_inference and few_rows_form_faster(LOOP_EXPERT_ROWS)
-        if small and (torch.compiler.is_compiling() or few_rows_faster):
-            return "loop"
+        if device.type == "cpu" and rows is not None and rows <= LOOP_ROWS:
+            fp32_inference = dtype == torch.float32 and not torch.is_grad_enabled()
+            if torch.compiler.is_compiling() or (fp32_inference and few_rows_form_faster(LOOP_EXPERT_ROWS)):
+                return "loop"
         aligned = all(width * dtype.itemsize % 16 == 0 for width in widths)
         return "grouped" if aligned and grouped_mm_supported(device.type, dtype) else "loop"
     return impl

@@ -2,7 +2,7 @@
 memory or extra allocations: the grouped expert GEMM, row permutations and token dispatch (gathers whose backward
 is a gather too, never an accumulating scatter), the gated mix of the k expert outputs, the causal attention
 backward for bf16 on CPUs, the GLU and rotary embeddings. Plus the bf16 matmul policy for CPUs without bf16 units
-(`upcast_bf16`) and the faster BLAS form for a few fp32 rows (`few_rows_linear`, decoding).
+(`upcast_bf16`) and, for a few fp32 rows (decoding), the BLAS form this CPU runs faster (`few_rows_form_faster`).
 
 Every op here is tested against a plain-PyTorch reference, forward and gradients (tests/model/test_fast_paths.py).
 
@@ -67,7 +67,7 @@ def few_rows_linear(x_MI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     """`x @ w^T` computed as `(w @ x^T)^T`. Which form BLAS runs faster for a few fp32 rows depends on the CPU and
     the row count (one-off, weights read from memory): on an AMD EPYC this one for 1–4 rows, about twice as fast
     (19–26 against 10–14 GB/s); on an Intel Xeon (Cascade Lake) `F.linear` for 1–3 rows (6.6–9.3 against
-    4.2–6 GB/s) and this one for 4–16 (4.2–6.5 against 2.9–5.6). `few_rows_form_faster` times the two."""
+    4.2–5.6 GB/s), this one from about 8 (4.1–6.1 against 2.9–4.5 at 8–16). `few_rows_form_faster` times both."""
     return torch.mm(w_OI, x_MI.t()).t()
 
 
