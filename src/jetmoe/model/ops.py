@@ -84,7 +84,7 @@ def few_rows_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
 def few_rows_form_faster(rows: int) -> bool:
     """Whether this CPU's BLAS multiplies `rows` (1 to `FEW_ROWS`) fp32 rows faster (by >5 %) as
     `few_rows_product` than as `F.linear`, as decoding does: weights streamed from memory. Timed once per process
-    and power of two (the one at or below `rows` decides), when first asked: ~70 ms each."""
+    and power of two (the one at or below `rows` decides), when first asked: ~100 ms each."""
     return _time_few_rows_forms(1 << (rows.bit_length() - 1))
 
 
