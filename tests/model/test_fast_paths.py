@@ -165,6 +165,43 @@ def test_compiled_bf16_training_attention_keeps_sdpa():
     torch.testing.assert_close(sdpa(q, k, v, None, 0.0, True), ops.causal_attention(q, k, v), atol=1e-2, rtol=2e-2)
 
 
+def _single_query_inputs(B=2, H=2, G=3, S=9, Dh=8):
+    q = torch.randn(B, 1, H * G, Dh).transpose(1, 2)  # a transposed view, as the model passes it
+    return q, torch.randn(B, H, S, Dh), torch.randn(B, H, S, Dh)
+
+
+@pytest.mark.parametrize("mask_kind", [None, "bool", "additive", "bool, one row for the batch"])
+def test_single_query_attention_matches_sdpa(mask_kind):
+    q, k, v = _single_query_inputs()
+    B, S = q.shape[0], k.shape[2]
+    mask = None if mask_kind is None else torch.rand(1 if "one row" in mask_kind else B, 1, 1, S) > 0.4
+    if mask is not None:
+        mask[..., 0] = True  # every query sees at least one key
+    if mask_kind == "additive":
+        mask = torch.zeros(mask.shape).masked_fill(~mask, float("-inf")) + torch.randn(mask.shape).abs()
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(ops.single_query_attention(q, k, v, mask), expected)
+
+
+def test_compiled_single_query_attention_replaces_sdpa_for_one_query_row(monkeypatch):
+    calls = []
+    original = attention_mod.single_query_attention
+    monkeypatch.setattr(attention_mod, "single_query_attention", lambda *a: calls.append(1) or original(*a))
+    q, k, v = _single_query_inputs()
+    mask = torch.ones(2, 1, 1, k.shape[2], dtype=torch.bool)
+    assert not ops.single_query_attention_applies(q, 0.0)  # eager: SDPA
+    torch._dynamo.reset()
+    sdpa = torch.compile(attention_mod._sdpa, fullgraph=True, backend="eager")
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+    torch.testing.assert_close(sdpa(q, k, v, mask, 0.0, False), expected)
+    assert calls  # traced through single_query_attention
+    calls.clear()
+    q2 = torch.randn(2, q.shape[1], 2, q.shape[3])  # two query rows: SDPA
+    sdpa(q2, k, v, torch.ones(2, 1, 2, k.shape[2], dtype=torch.bool), 0.0, False)
+    assert not calls
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("few_rows_faster", [True, False])  # what this CPU's timing of the two forms found
 @pytest.mark.parametrize("shape", [(16,), (1, 1, 16), (2, 16), (2, 2, 16), (5, 16), (17, 16)])
 def test_few_rows_linear_equals_f_linear(shape, few_rows_faster, monkeypatch):
@@ -182,6 +219,17 @@ def test_few_rows_linear_equals_f_linear(shape, few_rows_faster, monkeypatch):
     torch.testing.assert_close(dw, dw_ref)
     rows = x.numel() // 16
     assert calls == ([(max(rows, 2), 16)] if few_rows_faster and rows <= ops.FEW_ROWS else [])
+
+
+def test_few_rows_choice_compiles_with_dynamic_row_counts():
+    """A symbolic row count (dynamic shapes) picks the form by its power-of-two range, without a graph break."""
+    torch._dynamo.reset()
+    compiled = torch.compile(ops.linear, fullgraph=True, dynamic=True, backend="eager")
+    w = torch.randn(24, 16)
+    for rows in (3, 5, 12):
+        x = torch.randn(rows, 16)
+        torch.testing.assert_close(compiled(x, w), F.linear(x, w))
+    torch._dynamo.reset()
 
 
 @pytest.fixture

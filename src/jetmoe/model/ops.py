@@ -2,7 +2,8 @@
 memory or extra allocations: the grouped expert GEMM, row permutations and token dispatch (gathers whose backward
 is a gather too, never an accumulating scatter), the gated mix of the k expert outputs, the causal attention
 backward for bf16 on CPUs, the GLU and rotary embeddings. Plus the bf16 matmul policy for CPUs without bf16 units
-(`upcast_bf16`) and, for a few fp32 rows (decoding), the BLAS form this CPU runs faster (`few_rows_form_faster`).
+(`upcast_bf16`), for a few fp32 rows (decoding) the BLAS form this CPU runs faster (`few_rows_form_faster`), and
+the attention of one query row for compiled decode steps on CPUs (`single_query_attention`).
 
 Every op here is tested against a plain-PyTorch reference, forward and gradients (tests/model/test_fast_paths.py).
 
@@ -61,6 +62,7 @@ class _UpcastLinear(torch.autograd.Function):
 # ----------------------------------------------------------------------------- few-row products (CPU, fp32)
 
 FEW_ROWS = 16  # at most this many fp32 rows on the CPU may take `few_rows_product` in `linear`
+_FEW_ROWS_POW2 = tuple(1 << i for i in reversed(range(FEW_ROWS.bit_length())))  # 16, 8, 4, 2, 1: one timing each
 
 
 def few_rows_linear(x_MI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
@@ -80,12 +82,17 @@ def few_rows_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y_MO[:rows].reshape(*x.shape[:-1], w.shape[0])
 
 
-@torch._dynamo.assume_constant_result  # a Python constant while tracing: no graph break
-def few_rows_form_faster(rows: int) -> bool:
+def few_rows_form_faster(rows: int | torch.SymInt) -> bool:
     """Whether this CPU's BLAS multiplies `rows` (1 to `FEW_ROWS`) fp32 rows faster (by >5 %) as
     `few_rows_product` than as `F.linear`, as decoding does: weights streamed from memory. Timed once per process
-    and power of two (the one at or below `rows` decides), when first asked: ~100 ms each."""
-    return _time_few_rows_forms(1 << (rows.bit_length() - 1))
+    and power of two (the one at or below `rows` decides), when first asked: ~100 ms each. A symbolic `rows`
+    (compiled with dynamic shapes) guards only on its power-of-two range."""
+    return _few_rows_form_faster_pow2(next(p for p in _FEW_ROWS_POW2 if rows >= p))
+
+
+@torch._dynamo.assume_constant_result  # a Python constant while tracing: no graph break
+def _few_rows_form_faster_pow2(rows: int) -> bool:
+    return _time_few_rows_forms(rows)
 
 
 @functools.cache
@@ -380,6 +387,32 @@ def causal_attention(q_BQTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.T
     """Causal grouped-query attention (query head i uses key/value head i // (Q / H)) with the default scale:
     forward by the CPU flash kernel, backward by `_causal_attention_backward`."""
     return _CausalAttention.apply(q_BQTD, k_BHTD, v_BHTD)
+
+
+def single_query_attention_applies(q_BQTD: torch.Tensor, dropout: float) -> bool:
+    """Does `single_query_attention` apply? One query row (a decode step), compiled, on the CPU, no dropout."""
+    return torch.compiler.is_compiling() and q_BQTD.device.type == "cpu" and q_BQTD.shape[2] == 1 and dropout == 0.0
+
+
+def single_query_attention(
+    q_BQ1D: torch.Tensor, k_BHSD: torch.Tensor, v_BHSD: torch.Tensor, mask: torch.Tensor | None
+) -> torch.Tensor:
+    """Grouped-query attention of one query row (query head i uses key/value head i // (Q / H)), default scale,
+    `mask` boolean (True: attend) or additive, broadcastable to `[B, 1, 1, S]`: each key/value head's G query
+    heads become G query rows of two small matrix products. Compiled on the CPU (C++ wrapper), SDPA's flash kernel
+    took ~0.1 ms more a call for one row against 72 keys, and this made the bench's decode step 2-3 % faster.
+    (Written as multiply-sum reductions instead, Inductor fuses the query's rotary embedding into the score loop
+    and recomputes it for every key: slower than SDPA.)"""
+    B, Q, _, Dh = q_BQ1D.shape
+    H, S = k_BHSD.shape[1], k_BHSD.shape[2]
+    q_BHGD = q_BQ1D.reshape(B, H, Q // H, Dh)
+    scores_BHGS = (q_BHGD @ k_BHSD.transpose(-2, -1)).float() * Dh**-0.5
+    if mask is not None:
+        mask_B11S = mask.reshape(mask.shape[0], 1, 1, S)
+        scores_BHGS = (scores_BHGS.masked_fill(~mask_B11S, torch.finfo(torch.float32).min)
+                       if mask.dtype == torch.bool else scores_BHGS + mask_B11S)
+    o_BHGD = scores_BHGS.softmax(-1).to(v_BHSD.dtype) @ v_BHSD
+    return o_BHGD.reshape(B, Q, 1, Dh)
 
 
 # ----------------------------------------------------------------------------- GLU
