@@ -23,7 +23,9 @@ What is measured (ours = `jetmoe`, theirs = transformers with SDPA attention):
   takes the second for a row count where this CPU's BLAS runs it faster (`ops.few_rows_form_faster`, timed);
   interleaved with the decode runs (one round per contender at least, the order rotating: a large L3 holds a
   model's weights, so what ran just before matters). Decode tokens/s (prompt included) are reported as a share
-  of the fastest chain's tokens/s.
+  of the fastest chain's tokens/s (the target), and of a bound that also counts the prompt's products (the
+  prefill: every prompt token through the layers, touching most experts; then n - 1 steps' chains). Ours' eager
+  prefill is timed alone too, to split ours' time into the prompt and the decode steps.
 - peak memory of a training step: peak RSS minus RSS just before the step, in a fresh subprocess per
   measurement (after one warm-up step; glibc told to return freed blocks >= 64 KiB, so RSS follows live memory);
   and the saving of gradient checkpointing (ours; transformers' JetMoe does not support it).
@@ -272,13 +274,34 @@ def bench_training(args, device, results) -> None:
 # ----------------------------------------------------------------------------- decoding
 
 
+def _chain_matrices(model: JetMoeForCausalLM, chosen: list[torch.Tensor], rows: int, batch: int):
+    """The (weight `[out, in]`, rows) products of one forward of `rows` tokens whose routers chose `chosen` (one
+    tensor a router, in layer order), with the LM head on the last position of each of `batch` sequences; and
+    the experts touched per router."""
+    mats: list[tuple[torch.Tensor, int]] = []
+    touched_per_router = []
+    for i, layer in enumerate(model.model.layers):
+        moa, moe = layer.self_attention.experts, layer.mlp
+        mats += [(layer.self_attention.kv_proj.weight, rows), (moa.router.layer.weight, rows),
+                 (moe.router.layer.weight, rows)]
+        for module, experts in ((moa, chosen[2 * i]), (moe, chosen[2 * i + 1])):
+            counts = torch.bincount(experts, minlength=module.router.num_experts).tolist()
+            touched = [(e, c) for e, c in enumerate(counts) if c > 0]
+            touched_per_router.append(len(touched))
+            for e, c in touched:
+                mats += [(module.input_linear.weight[e], c), (module.output_linear.weight[e], c)]
+    mats.append((model.lm_head.weight, batch))
+    return mats, touched_per_router
+
+
 def decode_chain(
     model: JetMoeForCausalLM, batch: int, prompt_ids: torch.Tensor, products: dict[str, Callable]
-) -> tuple[dict[str, Callable[[], None]], dict]:
-    """The plain chain of matrix products one decode step needs, one chain per form (`product(x, w) = x @ w^T`)
-    on the same weights and inputs: per layer the KV projection, both routers, and for every expert a token of
-    the step chose, its query/output (MoA) and input/output (MoE) weights applied to the rows routed to it; then
-    the LM head. The experts are those of a real decode step of the model."""
+) -> tuple[dict[str, Callable[[], None]], dict[str, Callable[[], None]], dict]:
+    """The plain chains of matrix products a `generate` call needs, one chain per form (`product(x, w) = x @
+    w^T`) on the same weights and inputs: for one decode step, per layer the KV projection, both routers, and
+    for every expert a token of the step chose, its query/output (MoA) and input/output (MoE) weights applied to
+    the rows routed to it; then the LM head. The experts are those of a real decode step of the model. And the
+    same for the prompt (the prefill: every prompt token through the layers, the LM head on the last)."""
     chosen: list[torch.Tensor] = []
     hooks = [
         m.register_forward_hook(lambda mod, inp, out: chosen.append(out.experts_Nk.flatten().cpu()))
@@ -288,38 +311,31 @@ def decode_chain(
         with torch.no_grad():
             cache = DynamicKVCache(model.config.num_hidden_layers)
             logits = model(prompt_ids, cache=cache, use_cache=True).logits
+            prompt_chosen = list(chosen)
             chosen.clear()
             model(logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
     finally:
         for h in hooks:
             h.remove()
+    step_mats, touched = _chain_matrices(model, chosen, batch, batch)
+    prompt_mats, _ = _chain_matrices(model, prompt_chosen, prompt_ids.numel(), batch)
     device, dtype = model.device, model.dtype
-    mats: list[tuple[torch.Tensor, int]] = []  # (weight [out, in], rows)
-    experts_touched = []
-    for i, layer in enumerate(model.model.layers):
-        moa, moe = layer.self_attention.experts, layer.mlp
-        mats += [(layer.self_attention.kv_proj.weight, batch), (moa.router.layer.weight, batch),
-                 (moe.router.layer.weight, batch)]
-        for module, experts in ((moa, chosen[2 * i]), (moe, chosen[2 * i + 1])):
-            counts = torch.bincount(experts, minlength=module.router.num_experts)
-            touched = [e for e in range(len(counts)) if counts[e] > 0]
-            experts_touched.append(len(touched))
-            for e in touched:
-                rows = int(counts[e])
-                mats += [(module.input_linear.weight[e], rows), (module.output_linear.weight[e], rows)]
-    mats.append((model.lm_head.weight, batch))
-    inputs = [torch.randn(rows, w.shape[1], device=device, dtype=dtype) for w, rows in mats]
 
-    def chain(product: Callable) -> Callable[[], None]:
-        @torch.no_grad()
-        def run() -> None:
-            for (w, _), x in zip(mats, inputs):
-                product(x, w)
-        return run
+    def chains(mats: list[tuple[torch.Tensor, int]]) -> dict[str, Callable[[], None]]:
+        inputs = [torch.randn(rows, w.shape[1], device=device, dtype=dtype) for w, rows in mats]
 
-    info = {"weight_bytes": sum(w.numel() * w.element_size() for w, _ in mats), "matmuls": len(mats),
-            "mean_experts_touched_per_router": statistics.mean(experts_touched)}
-    return {form: chain(product) for form, product in products.items()}, info
+        def chain(product: Callable) -> Callable[[], None]:
+            @torch.no_grad()
+            def run() -> None:
+                for (w, _), x in zip(mats, inputs):
+                    product(x, w)
+            return run
+        return {form: chain(product) for form, product in products.items()}
+
+    info = {"weight_bytes": sum(w.numel() * w.element_size() for w, _ in step_mats), "matmuls": len(step_mats),
+            "mean_experts_touched_per_router": statistics.mean(touched),
+            "prompt_weight_bytes": sum(w.numel() * w.element_size() for w, _ in prompt_mats)}
+    return chains(step_mats), chains(prompt_mats), info
 
 
 def bench_decode(args, device, results) -> None:
@@ -357,9 +373,13 @@ def bench_decode(args, device, results) -> None:
             static()
             compile_s = time.perf_counter() - start
             fns["ours_static_compiled"] = run("ours_static_compiled", static)
-        chains, chain_info = decode_chain(ours, batch, ids, CHAIN_FORMS)
+        # Ours' prefill alone (always eager), to split ours' time into the prompt and the decode steps.
+        fns["ours_prefill"] = lambda: ours.generate(ids, max_new_tokens=1, eos_token_id=[], static_cache=True)
+        chains, prompt_chains, chain_info = decode_chain(ours, batch, ids, CHAIN_FORMS)
         for form, chain in chains.items():  # n steps' worth, timed alongside
             fns[f"chain_{form}"] = lambda chain=chain: [chain() for _ in range(n)]
+        for form, chain in prompt_chains.items():
+            fns[f"prompt_chain_{form}"] = chain
         log(f"decode batch {batch}: {n} new tokens (and the weights-only chain in {len(chains)} forms)")
         with torch.no_grad():  # at least one round per contender, so that each runs once after each other one
             times = time_interleaved(fns, max(args.iters, len(fns)), 1, device)
@@ -389,11 +409,23 @@ def bench_decode(args, device, results) -> None:
             infos.append(dict(chain_info, form=form, tokens_per_s=tokens / t_chain, seconds_per_step=t_chain / n,
                               weight_bytes_per_s=chain_info["weight_bytes"] * n / t_chain))
         bound = max(infos, key=lambda info: info["tokens_per_s"])
+        t_prompt_chain = min(median(times[f"prompt_chain_{form}"]) for form in prompt_chains)
+        t_prefill = median(times["ours_prefill"])
+        split = {  # where ours' time goes, against the chains: the prompt, then each of the n - 1 decode steps
+            "ours_prefill_s": t_prefill, "prompt_chain_s": t_prompt_chain,
+            "ours_step_s": (median(times[best]) - t_prefill) / (n - 1), "chain_step_s": bound["seconds_per_step"],
+            "prompt_weight_bytes": chain_info["prompt_weight_bytes"],
+        }
         results.add(f"decode_b{batch}_chain_share",
                     f"decode tokens/s as a share of the weights-only chain (the faster form), batch {batch} "
                     "(ours best)", best_tps / bound["tokens_per_s"], (tokens / t_theirs) / bound["tokens_per_s"],
                     "share", ratio=best_tps / bound["tokens_per_s"],
-                    extra={"chains": infos, "ours_few_rows_form": few_rows_table})
+                    extra={"chains": infos, "ours_few_rows_form": few_rows_table, "split": split})
+        generate_bound_tps = tokens / (t_prompt_chain + bound["seconds_per_step"] * (n - 1))
+        results.add(f"decode_b{batch}_generate_chain_share",
+                    f"decode tokens/s as a share of the chain with the prompt's products, batch {batch} (ours best)",
+                    best_tps / generate_bound_tps, (tokens / t_theirs) / generate_bound_tps, "share",
+                    ratio=best_tps / generate_bound_tps)
     del ours, theirs
     gc.collect()
 
@@ -642,6 +674,12 @@ def to_markdown(results: Results) -> str:
                          f"{c['weight_bytes'] / 2**20:.0f} MiB of weights, {c['tokens_per_s']:.0f} tokens/s "
                          f"({c['weight_bytes_per_s'] / 1e9:.1f} GB/s), {c['mean_experts_touched_per_router']:.1f} "
                          "experts per router")
+        if "split" in r:
+            sp = r["split"]
+            extra.append(f"- {r['label']}: ours' eager prefill {1e3 * sp['ours_prefill_s']:.1f} ms against its chain's "
+                         f"{1e3 * sp['prompt_chain_s']:.1f} ms ({sp['prompt_weight_bytes'] / 2**20:.0f} MiB of "
+                         f"weights); each decode step {1e3 * sp['ours_step_s']:.2f} ms against "
+                         f"{1e3 * sp['chain_step_s']:.2f} ms")
         if "ours_few_rows_form" in r:
             forms = ", ".join(f"{rows}: {'(w @ x^T)^T' if few else 'F.linear'}"
                               for rows, few in r["ours_few_rows_form"].items())

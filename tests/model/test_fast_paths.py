@@ -202,6 +202,30 @@ def test_compiled_single_query_attention_replaces_sdpa_for_one_query_row(monkeyp
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_argmax_top_k_matches_topk(k):
+    x = torch.randn(13, 8)
+    values, indices = ops.argmax_top_k(x, k)
+    expected = x.topk(k, dim=-1)
+    assert torch.equal(indices, expected.indices) and torch.equal(values, expected.values)
+
+
+def test_compiled_cpu_inference_routes_with_argmax_top_k(monkeypatch):
+    calls = []
+    monkeypatch.setattr(experts_mod, "argmax_top_k", lambda x, k: calls.append(k) or ops.argmax_top_k(x, k))
+    router, x = TopKRouter(16, 5, 2), torch.randn(7, 16)
+    torch._dynamo.reset()
+    compiled = torch.compile(router, fullgraph=True, backend="eager")
+    with torch.no_grad():
+        eager, traced = router(x), compiled(x)
+    assert calls == [2]
+    for field in ("logits_NE", "experts_Nk", "gates_Nk", "slot_M", "counts_E"):
+        assert torch.equal(getattr(traced, field), getattr(eager, field)), field
+    compiled(x.requires_grad_())  # training: aten's topk
+    assert calls == [2]
+    torch._dynamo.reset()
+
+
 @pytest.mark.parametrize("few_rows_faster", [True, False])  # what this CPU's timing of the two forms found
 @pytest.mark.parametrize("shape", [(16,), (1, 1, 16), (2, 16), (2, 2, 16), (5, 16), (17, 16)])
 def test_few_rows_linear_equals_f_linear(shape, few_rows_faster, monkeypatch):

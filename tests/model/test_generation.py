@@ -91,3 +91,14 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
 def test_generate_rejects_bad_arguments(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         model.generate(**kwargs)
+
+
+def test_generate_runs_in_eval_mode_and_restores_training(tiny_config):
+    model = JetMoeForCausalLM(tiny_config.replace(attention_dropout=0.5)).train()
+    ids = torch.randint(3, 128, (1, 6))
+    first, second = (model.generate(ids, max_new_tokens=8, eos_token_id=[]) for _ in range(2))
+    assert torch.equal(first, second)  # no dropout while generating
+    assert all(m.training for m in model.modules())
+    model.eval()
+    model.generate(ids, max_new_tokens=2, eos_token_id=[])
+    assert not any(m.training for m in model.modules())

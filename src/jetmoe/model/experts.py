@@ -24,7 +24,7 @@ from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from jetmoe.config import JetMoeConfig
 from jetmoe.model.ops import (
-    dispatch_tokens, few_rows_form_faster, few_rows_linear, gather_rows, glu, grouped_mm, grouped_mm_supported,
+    argmax_top_k, dispatch_tokens, few_rows_form_faster, few_rows_linear, gather_rows, glu, grouped_mm, grouped_mm_supported,
     linear, mix,
 )
 
@@ -136,7 +136,10 @@ class TopKRouter(nn.Module):
 
     def forward(self, x_ND: torch.Tensor, sort: bool = True) -> Routing:
         logits_NE = F.linear(x_ND.float(), self.layer.weight.float())
-        topk_logits_Nk, experts_Nk = logits_NE.topk(self.top_k, dim=-1)
+        if torch.compiler.is_compiling() and x_ND.device.type == "cpu" and not torch.is_grad_enabled():
+            topk_logits_Nk, experts_Nk = argmax_top_k(logits_NE, self.top_k)  # compiled CPU inference: fused
+        else:
+            topk_logits_Nk, experts_Nk = logits_NE.topk(self.top_k, dim=-1)
         gates_Nk = topk_logits_Nk.softmax(dim=-1).to(x_ND.dtype)
         if not sort:
             return Routing(logits_NE=logits_NE, experts_Nk=experts_Nk, gates_Nk=gates_Nk)

@@ -110,7 +110,8 @@ def generate(
     position_BS = (mask_BS.cumsum(-1) - 1).clamp(min=0)
 
     was_training = model.training
-    model.eval()
+    if was_training:  # `eval()` and `train()` walk every module: ~1 ms each on a 4-layer model
+        model.eval()
     if static_cache:
         cache = StaticKVCache(config, B, total, device, model.dtype)
     else:
@@ -140,5 +141,6 @@ def generate(
             logits_BV = step(
                 model, ids_B[:, None], position_BS[:, t : t + 1], cache, torch.tensor([t], device=device), step_mask
             )
-    model.train(was_training)
+    if was_training:
+        model.train()
     return torch.cat(out_ids, dim=1)

@@ -415,6 +415,20 @@ def single_query_attention(
     return o_BHGD.reshape(B, Q, 1, Dh)
 
 
+def argmax_top_k(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`x.topk(k, dim=-1)` (values, indices) as k argmax passes, each masking the last pick: Inductor fuses them
+    into a few C++ loops. For compiled decode steps on the CPU, where aten's topk call on a few router logits
+    cost ~40 µs (measured in isolation: 57 against 18 µs with the C++ wrapper, 8 logits, top-2). Ties go to the
+    lower index."""
+    values, indices = [], []
+    for _ in range(k):
+        index = x.argmax(-1, keepdim=True)
+        values.append(x.gather(-1, index))
+        indices.append(index)
+        x = x.scatter(-1, index, float("-inf"))
+    return torch.cat(values, -1), torch.cat(indices, -1)
+
+
 # ----------------------------------------------------------------------------- GLU
 
 
