@@ -13,7 +13,8 @@ ROOT = Path(__file__).resolve().parents[2]
 ROWS = {
     "train_fp32", "train_bf16", "train_fp32_compiled", "train_bf16_compiled", "forward_fp32",
     "decode_b1_dynamic", "decode_b1_static_compiled", "decode_b1", "decode_b1_chain_share",
-    "decode_b8_dynamic", "decode_b8_static_compiled", "decode_b8", "decode_b8_chain_share",
+    "decode_b1_generate_chain_share", "decode_b8_dynamic", "decode_b8_static_compiled", "decode_b8",
+    "decode_b8_chain_share", "decode_b8_generate_chain_share",
     "train_peak_memory", "grad_checkpointing_memory", "scaling_32_experts", "scaling_64_experts",
 }
 
@@ -36,6 +37,10 @@ def test_bench_quick_tiny_writes_all_rows(tmp_path):
         assert all(c["tokens_per_s"] > 0 for c in share["chains"])
         assert set(share["ours_few_rows_form"]) == {"1", "2", "4", "8", "16"}  # JSON keys
         assert all(isinstance(few, bool) for few in share["ours_few_rows_form"].values())
+        split = share["split"]  # ours' time split into the prefill and the steps, each against its chain
+        assert split["ours_prefill_s"] > 0 and split["prompt_chain_s"] > 0 and split["chain_step_s"] > 0
+        assert split["prompt_weight_bytes"] > 0
+        assert rows[f"decode_b{batch}_generate_chain_share"]["ours"] > 0
     markdown = (tmp_path / "latest.md").read_text()
     assert "| metric | ours | transformers | ratio | target | met |" in markdown
 
