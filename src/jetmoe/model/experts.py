@@ -24,8 +24,8 @@ from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from jetmoe.config import JetMoeConfig
 from jetmoe.model.ops import (
-    argmax_top_k, dispatch_tokens, few_rows_form_faster, few_rows_linear, gather_rows, glu, grouped_mm, grouped_mm_supported,
-    linear, mix,
+    argmax_top_k, dispatch_tokens, few_rows_form_faster, few_rows_linear, gather_rows, glu, grouped_mm,
+    grouped_mm_supported, linear, mix,
 )
 
 __all__ = [
