@@ -19,8 +19,8 @@ from jetmoe.config import JetMoeConfig
 from jetmoe.model.experts import MixtureOfAttentionHeads, Routing
 from jetmoe.model.layers import apply_rotary
 from jetmoe.model.ops import (
-    blocked_attention_backward, causal_attention, linear, single_query_attention, single_query_attention_applies,
-    upcast_bf16,
+    blocked_attention_backward, causal_attention, linear, mask_scores, single_query_attention,
+    single_query_attention_applies, upcast_bf16,
 )
 
 
@@ -143,10 +143,7 @@ class JetMoeAttention(nn.Module):
         scores_BQTS = (q_BQTD @ k_BQSD.transpose(-2, -1)) * Dh**-0.5
         if mask is None:
             mask = torch.ones(T, S, dtype=torch.bool, device=q_BQTD.device).tril(S - T)
-        if mask.dtype == torch.bool:
-            scores_BQTS = scores_BQTS.masked_fill(~mask, torch.finfo(scores_BQTS.dtype).min)
-        else:
-            scores_BQTS = scores_BQTS + mask
+        scores_BQTS = mask_scores(scores_BQTS, mask)
         weights_BQTS = scores_BQTS.softmax(dim=-1, dtype=torch.float32).to(q_BQTD.dtype)
         weights_BQTS = F.dropout(weights_BQTS, p=dropout, training=self.training)
         o_BQTD = weights_BQTS @ v_BQSD

@@ -389,6 +389,14 @@ def causal_attention(q_BQTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.T
     return _CausalAttention.apply(q_BQTD, k_BHTD, v_BHTD)
 
 
+def mask_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Attention scores under `mask`: boolean (True: attend; the rest set to the dtype's lowest value) or
+    additive."""
+    if mask.dtype == torch.bool:
+        return scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    return scores + mask
+
+
 def single_query_attention_applies(q_BQTD: torch.Tensor, dropout: float) -> bool:
     """Does `single_query_attention` apply? One query row (a decode step), compiled, on the CPU, no dropout."""
     return torch.compiler.is_compiling() and q_BQTD.device.type == "cpu" and q_BQTD.shape[2] == 1 and dropout == 0.0
@@ -408,9 +416,7 @@ def single_query_attention(
     q_BHGD = q_BQ1D.reshape(B, H, Q // H, Dh)
     scores_BHGS = (q_BHGD @ k_BHSD.transpose(-2, -1)).float() * Dh**-0.5
     if mask is not None:
-        mask_B11S = mask.reshape(mask.shape[0], 1, 1, S)
-        scores_BHGS = (scores_BHGS.masked_fill(~mask_B11S, torch.finfo(torch.float32).min)
-                       if mask.dtype == torch.bool else scores_BHGS + mask_B11S)
+        scores_BHGS = mask_scores(scores_BHGS, mask.reshape(mask.shape[0], 1, 1, S))
     o_BHGD = scores_BHGS.softmax(-1).to(v_BHSD.dtype) @ v_BHSD
     return o_BHGD.reshape(B, Q, 1, Dh)
 
