@@ -18,11 +18,11 @@ What is measured (ours = `jetmoe`, theirs = transformers with SDPA attention):
 - decode tokens/s at batch 1 and 8: `generate` greedy with a fixed number of new tokens (EOS disabled), prompt
   included; ours with the dynamic cache (eager) and with the static cache + compiled step.
 - the decode bound: the plain chain of matrix products one decode step needs (per layer the KV projection, the
-  routers, and the query/output and MLP weights of every expert the step's tokens chose; the LM head), run for
-  as many steps in three BLAS forms: `F.linear`; `(w @ x^T)^T` for at most 16 rows; and `ops.linear`, which
-  takes the second for a row count where this CPU's BLAS runs it faster (`ops.few_rows_form_faster`, timed);
-  interleaved with the decode runs (one round per contender at least, the order rotating: a large L3 holds a
-  model's weights, so what ran just before matters). Decode tokens/s (prompt included) are reported as a share
+  routers, and the query/output and MLP weights of every expert the step's tokens chose; the LM head), run for as
+  many steps in three BLAS forms: `F.linear`; `(w @ x^T)^T` for at most 16 rows; and `ops.linear`, which takes the
+  second for a row count and weight shape where this CPU's BLAS runs it faster (`ops.few_rows_form_faster`,
+  timed); interleaved with the decode runs (one round per contender at least, the order rotating: a large L3 holds
+  a model's weights, so what ran just before matters). Decode tokens/s (prompt included) are reported as a share
   of the fastest chain's tokens/s (the target), and of a bound that also counts the prompt's products (the
   prefill: every prompt token through the layers, touching most experts; then n - 1 steps' chains). Ours' eager
   prefill is timed alone too, to split ours' time into the prompt and the decode steps.
@@ -294,6 +294,16 @@ def _chain_matrices(model: JetMoeForCausalLM, chosen: list[torch.Tensor], rows: 
     return mats, touched_per_router
 
 
+def decode_weight_shapes(model: JetMoeForCausalLM) -> list[tuple[int, int]]:
+    """The `[out, in]` shapes of the weights a decode step multiplies (KV projection, an expert's query, output,
+    MLP input and MLP output weights, the LM head)."""
+    layer = model.model.layers[0]
+    moa, moe = layer.self_attention.experts, layer.mlp
+    weights = (layer.self_attention.kv_proj.weight, moa.input_linear.weight, moa.output_linear.weight,
+               moe.input_linear.weight, moe.output_linear.weight, model.lm_head.weight)
+    return list(dict.fromkeys(tuple(w.shape[-2:]) for w in weights))
+
+
 def decode_chain(
     model: JetMoeForCausalLM, batch: int, prompt_ids: torch.Tensor, products: dict[str, Callable]
 ) -> tuple[dict[str, Callable[[], None]], dict[str, Callable[[], None]], dict]:
@@ -345,10 +355,10 @@ def bench_decode(args, device, results) -> None:
     torch.manual_seed(0)
     ours = JetMoeForCausalLM(config).to(device).eval()
     theirs = hf_twin(ours).eval()
-    few_rows_table = {  # rows -> ours takes (w @ x^T)^T (timed on this CPU)
-        rows: device.type == "cpu" and ours.dtype == torch.float32 and ops.few_rows_form_faster(rows)
-        for rows in (1, 2, 4, 8, 16)
-    }
+    few_rows_table = {  # weight shape -> the row counts for which ours takes (w @ x^T)^T (timed on this CPU)
+        f"{out}x{in_}": [rows for rows in (1, 2, 4, 8, 16) if ops.few_rows_form_faster(rows, out, in_)]
+        for out, in_ in decode_weight_shapes(ours)
+    } if device.type == "cpu" and ours.dtype == torch.float32 else {}
     for batch in (1, 8):
         torch.manual_seed(1)
         ids = torch.randint(0, config.vocab_size, (batch, P), device=device)
@@ -681,9 +691,10 @@ def to_markdown(results: Results) -> str:
                          f"weights); each decode step {1e3 * sp['ours_step_s']:.2f} ms against "
                          f"{1e3 * sp['chain_step_s']:.2f} ms")
         if "ours_few_rows_form" in r:
-            forms = ", ".join(f"{rows}: {'(w @ x^T)^T' if few else 'F.linear'}"
-                              for rows, few in r["ours_few_rows_form"].items())
-            extra.append(f"- {r['label']}: the form ours takes by row count (timed on this CPU): {forms}")
+            forms = "; ".join(f"{shape}: {', '.join(map(str, rows)) or 'none'}"
+                              for shape, rows in r["ours_few_rows_form"].items())
+            extra.append(f"- {r['label']}: the row counts for which ours takes (w @ x^T)^T, by weight shape (timed "
+                         f"on this CPU): {forms}")
         if r.get("same_tokens_as_theirs") is not None:
             extra.append(f"- {r['label']}: same tokens as transformers: {r['same_tokens_as_theirs']}")
         if "compile_s" in r:

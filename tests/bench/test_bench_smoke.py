@@ -35,8 +35,9 @@ def test_bench_quick_tiny_writes_all_rows(tmp_path):
         share = rows[f"decode_b{batch}_chain_share"]
         assert [c["form"] for c in share["chains"]] == ["F.linear", "(w @ x^T)^T", "ops.linear"]
         assert all(c["tokens_per_s"] > 0 for c in share["chains"])
-        assert set(share["ours_few_rows_form"]) == {"1", "2", "4", "8", "16"}  # JSON keys
-        assert all(isinstance(few, bool) for few in share["ours_few_rows_form"].values())
+        few_rows = share["ours_few_rows_form"]  # weight shape -> row counts taking (w @ x^T)^T
+        assert "256x64" in few_rows and "64x64" in few_rows  # the tiny preset's LM head and KV projection
+        assert all(set(rows) <= {1, 2, 4, 8, 16} for rows in few_rows.values())
         split = share["split"]  # ours' time split into the prefill and the steps, each against its chain
         assert split["ours_prefill_s"] > 0 and split["prompt_chain_s"] > 0 and split["chain_step_s"] > 0
         assert split["prompt_weight_bytes"] > 0

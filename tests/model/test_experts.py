@@ -27,7 +27,7 @@ def test_grouped_linear_equals_loop(dtype, tokens, few_rows_faster, monkeypatch)
     dy = torch.randn(x.shape[0], 24, dtype=dtype)
     calls, few_rows_linear = [], experts_mod.few_rows_linear
     monkeypatch.setattr(experts_mod, "few_rows_linear", lambda x, w: calls.append(len(x)) or few_rows_linear(x, w))
-    monkeypatch.setattr(experts_mod, "few_rows_form_faster", lambda rows: few_rows_faster)
+    monkeypatch.setattr(experts_mod, "few_rows_form_faster", lambda rows, out, in_: few_rows_faster)
     outs, grads = {}, {}
     for impl in ("grouped", "loop"):
         y = expert_linear(x, w, routing.counts_E, routing.offsets_E, impl)
@@ -81,7 +81,7 @@ def test_auto_resolves_to_grouped_on_cpu():
     assert resolve_expert_impl("auto", torch.device("cpu"), torch.float32) == "grouped"
     assert resolve_expert_impl("loop", torch.device("cpu"), torch.float32) == "loop"
     # Rows of 5 fp32 values break the 16-byte alignment rule: fall back to the loop.
-    assert resolve_expert_impl("auto", torch.device("cpu"), torch.float32, (5, 8)) == "loop"
+    assert resolve_expert_impl("auto", torch.device("cpu"), torch.float32, ((8, 5), (5, 8))) == "loop"
 
 
 def test_per_slot_products_equal_the_gathered_form():
@@ -98,11 +98,12 @@ def test_per_slot_products_equal_the_gathered_form():
 @pytest.mark.parametrize("few_rows_faster", [True, False])  # what this CPU's timing of the two forms found
 def test_small_cpu_batches_take_the_loop_compiled_or_in_fp32_inference(few_rows_faster, monkeypatch):
     """Compiled, a small batch takes the loop; in eager fp32 inference only where its few-row form is faster."""
-    monkeypatch.setattr(experts_mod, "few_rows_form_faster", lambda rows: few_rows_faster)
+    # The few-row form is faster (or not) for the output weight `[16, 8]` only: that is enough to take the loop.
+    monkeypatch.setattr(experts_mod, "few_rows_form_faster", lambda rows, out, in_: few_rows_faster and out == 16)
     picks = []
 
     def pick(x, rows):
-        picks.append(resolve_expert_impl("auto", x.device, x.dtype, rows=rows))
+        picks.append(resolve_expert_impl("auto", x.device, x.dtype, ((8, 16), (16, 8)), rows=rows))
         return x + 1
 
     x = torch.ones(4)

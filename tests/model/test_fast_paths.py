@@ -233,7 +233,7 @@ def test_few_rows_linear_equals_f_linear(shape, few_rows_faster, monkeypatch):
     faster, forward and gradients equal to `F.linear`; more rows, or a CPU where it is slower, take `F.linear`."""
     calls, few_rows_linear = [], ops.few_rows_linear
     monkeypatch.setattr(ops, "few_rows_linear", lambda x, w: calls.append(x.shape) or few_rows_linear(x, w))
-    monkeypatch.setattr(ops, "few_rows_form_faster", lambda rows: few_rows_faster)
+    monkeypatch.setattr(ops, "few_rows_form_faster", lambda rows, out, in_: few_rows_faster)
     x, w = torch.randn(shape), torch.randn(24, 16)
     y, (dx, dw), dy = _grads(ops.linear, x, w)
     y_ref, (dx_ref, dw_ref), _ = _grads(F.linear, x, w, dy=dy)
@@ -250,6 +250,7 @@ def test_few_rows_choice_compiles_with_dynamic_row_counts():
     torch._dynamo.reset()
     compiled = torch.compile(ops.linear, fullgraph=True, dynamic=True, backend="eager")
     w = torch.randn(24, 16)
+    torch._dynamo.mark_static(w)  # a weight's shape is static (as a parameter's is)
     for rows in (3, 5, 12):
         x = torch.randn(rows, 16)
         torch.testing.assert_close(compiled(x, w), F.linear(x, w))
@@ -265,25 +266,28 @@ def fresh_few_rows_timing():
 
 @pytest.mark.parametrize("faster", [True, False])
 def test_few_rows_form_is_chosen_by_timing_it_once(faster, fresh_few_rows_timing, monkeypatch):
-    """The form is picked by timing both (here against a stand-in that is instant, or 1 ms slower a call), once
-    per process and power of two of rows (the one at or below decides), without touching the random stream."""
-    rows_timed = []
+    """The form is picked by timing both (here against a stand-in that is instant, or 10 ms slower a call), once
+    per process, weight shape and power of two of rows (the one at or below decides), on weights that do not fit
+    in a cache, without touching the random stream."""
+    timed = []
 
     def stand_in(x, w):
-        rows_timed.append(len(x))
+        timed.append((len(x), tuple(w.shape)))
         if not faster:
-            time.sleep(1e-3)
+            time.sleep(10e-3)
         return torch.zeros(w.shape[0], len(x)).t()
 
     monkeypatch.setattr(ops, "few_rows_linear", stand_in)
     torch.manual_seed(0)
     expected = torch.rand(3)
     torch.manual_seed(0)
-    assert ops.few_rows_form_faster(3) is faster
+    assert ops.few_rows_form_faster(3, 2048, 1024) is faster
     torch.testing.assert_close(torch.rand(3), expected)
-    assert rows_timed and set(rows_timed) == {2}
-    assert ops.few_rows_form_faster(2) is faster and set(rows_timed) == {2}  # the same power of two: not re-timed
-    assert ops.few_rows_form_faster(5) is faster and set(rows_timed) == {2, 4}
+    assert set(timed) == {(2, (2048, 1024))}
+    assert len(timed) * 2048 * 1024 * 4 >= 5 * ops._TIMING_BYTES  # 5 rounds over more weights than a cache holds
+    assert ops.few_rows_form_faster(2, 2048, 1024) is faster and len(set(timed)) == 1  # same range: not re-timed
+    assert ops.few_rows_form_faster(5, 2048, 1024) is faster and set(timed) == {(2, (2048, 1024)), (4, (2048, 1024))}
+    assert ops.few_rows_form_faster(2, 1024, 2048) is faster and (2, (1024, 2048)) in timed  # another shape: timed
 
 
 @pytest.fixture

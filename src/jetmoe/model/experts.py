@@ -50,17 +50,21 @@ LOOP_EXPERT_ROWS = 2  # an expert's typical share of those rows (top-2 of 8 expe
 
 
 def resolve_expert_impl(
-    impl: str, device: torch.device, dtype: torch.dtype, widths: tuple[int, ...] = (), rows: int | None = None
+    impl: str, device: torch.device, dtype: torch.dtype, weight_shapes: tuple[tuple[int, int], ...] = (),
+    rows: int | None = None,
 ) -> str:
-    """`auto` picks the grouped GEMM where the device runs it for this dtype and every matrix row is a multiple
-    of 16 bytes (its alignment rule), else the loop reference; and the loop for a CPU batch of at most
-    `LOOP_ROWS` routed rows, compiled, or in fp32 inference where the few-row form is faster on this CPU."""
+    """`auto` picks the grouped GEMM where the device runs it for this dtype and every matrix row of the experts'
+    `[out, in]` weights is a multiple of 16 bytes (its alignment rule), else the loop reference; and the loop for a
+    CPU batch of at most `LOOP_ROWS` routed rows, compiled, or in fp32 inference where the few-row form is faster
+    on this CPU for one of those weights."""
     if impl == "auto":
         if device.type == "cpu" and rows is not None and rows <= LOOP_ROWS:
             fp32_inference = dtype == torch.float32 and not torch.is_grad_enabled()
-            if torch.compiler.is_compiling() or (fp32_inference and few_rows_form_faster(LOOP_EXPERT_ROWS)):
+            if torch.compiler.is_compiling() or (
+                fp32_inference and any(few_rows_form_faster(LOOP_EXPERT_ROWS, *shape) for shape in weight_shapes)
+            ):
                 return "loop"
-        aligned = all(width * dtype.itemsize % 16 == 0 for width in widths)
+        aligned = all(width * dtype.itemsize % 16 == 0 for shape in weight_shapes for width in shape)
         return "grouped" if aligned and grouped_mm_supported(device.type, dtype) else "loop"
     return impl
 
@@ -77,7 +81,7 @@ def expert_linear(
     # taken as few, since compiled graphs take the loop for small batches only (`resolve_expert_impl`).
     few = x_MI.device.type == "cpu" and x_MI.dtype == torch.float32 and guard_or_true(
         x_MI.shape[0] <= LOOP_ROWS
-    ) and few_rows_form_faster(LOOP_EXPERT_ROWS)
+    ) and few_rows_form_faster(LOOP_EXPERT_ROWS, *w_EOI.shape[1:])
     product = few_rows_linear if few else F.linear
     chunks = x_MI.split(counts_E.tolist())
     return torch.cat([product(chunk_I, w_EOI[e]) for e, chunk_I in enumerate(chunks)])
@@ -197,8 +201,8 @@ class ParallelExperts(nn.Module):
 
 def _module_impl(module: nn.Module, x: torch.Tensor, routing: Routing) -> str:
     """The expert implementation of an MoE / MoA layer: one choice for both of its expert weights."""
-    widths = (*module.input_linear.weight.shape[1:], *module.output_linear.weight.shape[1:])
-    return resolve_expert_impl(module.expert_impl, x.device, x.dtype, widths, routing.experts_Nk.numel())
+    shapes = (tuple(module.input_linear.weight.shape[1:]), tuple(module.output_linear.weight.shape[1:]))
+    return resolve_expert_impl(module.expert_impl, x.device, x.dtype, shapes, routing.experts_Nk.numel())
 
 
 def combine(y_MD: torch.Tensor, routing: Routing, num_tokens: int) -> torch.Tensor:

@@ -63,13 +63,15 @@ class _UpcastLinear(torch.autograd.Function):
 
 FEW_ROWS = 16  # at most this many fp32 rows on the CPU may take `few_rows_product` in `linear`
 _FEW_ROWS_POW2 = tuple(1 << i for i in reversed(range(FEW_ROWS.bit_length())))  # 16, 8, 4, 2, 1: one timing each
+_TIMING_BYTES = 48 << 20  # weights streamed per timing: more than a last-level cache holds
+_TIMING_MAX_MATRICES = 512  # tiny weights: fewer (a model of them stays in cache anyway)
 
 
 def few_rows_linear(x_MI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
-    """`x @ w^T` computed as `(w @ x^T)^T`. Which form BLAS runs faster for a few fp32 rows depends on the CPU and
-    the row count (one-off, weights read from memory): on an AMD EPYC this one for 1–4 rows, about twice as fast
-    (19–26 against 10–14 GB/s); on an Intel Xeon (Cascade Lake) `F.linear` for 1–3 rows (6.6–9.3 against
-    4.2–5.6 GB/s), this one from about 8 (4.1–6.1 against 2.9–4.5 at 8–16). `few_rows_form_faster` times both."""
+    """`x @ w^T` computed as `(w @ x^T)^T`. Which form BLAS runs faster for a few fp32 rows depends on the CPU, the
+    row count and the weight's shape (weights read from memory): on an AMD EPYC without AVX-512 this one for 1–2
+    rows by 512 inputs (1.3–3× faster), but neither for 1 row by 1024 inputs; on an Intel Xeon (Cascade Lake)
+    `F.linear` for 1–3 rows, this one from about 8. `few_rows_form_faster` times both."""
     return torch.mm(w_OI, x_MI.t()).t()
 
 
@@ -82,25 +84,28 @@ def few_rows_product(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return y_MO[:rows].reshape(*x.shape[:-1], w.shape[0])
 
 
-def few_rows_form_faster(rows: int | torch.SymInt) -> bool:
-    """Whether this CPU's BLAS multiplies `rows` (1 to `FEW_ROWS`) fp32 rows faster (by >5 %) as
-    `few_rows_product` than as `F.linear`, as decoding does: weights streamed from memory. Timed once per process
-    and power of two (the one at or below `rows` decides), when first asked: ~100 ms each. A symbolic `rows`
-    (compiled with dynamic shapes) guards only on its power-of-two range."""
-    return _few_rows_form_faster_pow2(next(p for p in _FEW_ROWS_POW2 if rows >= p))
+def few_rows_form_faster(rows: int | torch.SymInt, out_features: int, in_features: int) -> bool:
+    """Whether this CPU's BLAS multiplies `rows` (1 to `FEW_ROWS`) fp32 rows by an `[out_features, in_features]`
+    weight faster (by >5 %) as `few_rows_product` than as `F.linear`, as decoding does: weights streamed from
+    memory. Timed once per process, weight shape and power of two of rows (the one at or below `rows` decides),
+    when first asked: up to ~50 ms each. Compiled with dynamic shapes, a symbolic `rows` guards only on its
+    power-of-two range; the weight's shape must be static (a parameter's is)."""
+    pow2 = next(p for p in _FEW_ROWS_POW2 if rows >= p)
+    return _few_rows_form_faster_pow2(pow2, out_features, in_features)
 
 
 @torch._dynamo.assume_constant_result  # a Python constant while tracing: no graph break
-def _few_rows_form_faster_pow2(rows: int) -> bool:
-    return _time_few_rows_forms(rows)
+def _few_rows_form_faster_pow2(rows: int, out_features: int, in_features: int) -> bool:
+    return _time_few_rows_forms(rows, out_features, in_features)
 
 
 @functools.cache
-def _time_few_rows_forms(rows: int) -> bool:
+def _time_few_rows_forms(rows: int, out_features: int, in_features: int) -> bool:
+    count = max(1, min(_TIMING_MAX_MATRICES, _TIMING_BYTES // (out_features * in_features * 4)))
     best = {F.linear: float("inf"), few_rows_product: float("inf")}
     with torch.no_grad():
-        ws = [torch.ones(2048, 1024) for _ in range(6)]  # 48 MiB: more than a last-level cache holds
-        x = torch.ones(rows, 1024)
+        ws = torch.ones(count, out_features, in_features).unbind()
+        x = torch.ones(rows, in_features)
         for _ in range(5):
             for product in best:
                 start = time.perf_counter()
@@ -116,7 +121,9 @@ def linear(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     if upcast_bf16(x.device.type, x.dtype):
         return _UpcastLinear.apply(x, w)
     rows = x.shape[:-1].numel()
-    if x.device.type == "cpu" and x.dtype == torch.float32 and 0 < rows <= FEW_ROWS and few_rows_form_faster(rows):
+    if x.device.type == "cpu" and x.dtype == torch.float32 and 0 < rows <= FEW_ROWS and few_rows_form_faster(
+        rows, *w.shape
+    ):
         return few_rows_product(x, w)
     return F.linear(x, w)
 
