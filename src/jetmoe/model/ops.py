@@ -69,9 +69,10 @@ _TIMING_MAX_MATRICES = 512  # tiny weights: fewer (a model of them stays in cach
 
 def few_rows_linear(x_MI: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     """`x @ w^T` computed as `(w @ x^T)^T`. Which form BLAS runs faster for a few fp32 rows depends on the CPU, the
-    row count and the weight's shape (weights read from memory): on an AMD EPYC without AVX-512 this one for 1–2
-    rows by 512 inputs (1.3–3× faster), but neither for 1 row by 1024 inputs; on an Intel Xeon (Cascade Lake)
-    `F.linear` for 1–3 rows, this one from about 8. `few_rows_form_faster` times both."""
+    row count and the weight's shape (weights read from memory): on an AMD EPYC without AVX-512 this one for 1–4
+    rows by 512 inputs (1.3–1.5× faster at 1 row, 1.5–3× at 2), but for 1 or 4 rows by 1024 inputs `F.linear`
+    or neither; on an Intel Xeon (Cascade Lake) `F.linear` for 1–3 rows, this one from about 8.
+    `few_rows_form_faster` times both."""
     return torch.mm(w_OI, x_MI.t()).t()
 
 
@@ -88,7 +89,7 @@ def few_rows_form_faster(rows: int | torch.SymInt, out_features: int, in_feature
     """Whether this CPU's BLAS multiplies `rows` (1 to `FEW_ROWS`) fp32 rows by an `[out_features, in_features]`
     weight faster (by >5 %) as `few_rows_product` than as `F.linear`, as decoding does: weights streamed from
     memory. Timed once per process, weight shape and power of two of rows (the one at or below `rows` decides),
-    when first asked: up to ~50 ms each. Compiled with dynamic shapes, a symbolic `rows` guards only on its
+    when first asked: ~0.1 s each. Compiled with dynamic shapes, a symbolic `rows` guards only on its
     power-of-two range; the weight's shape must be static (a parameter's is)."""
     pow2 = next(p for p in _FEW_ROWS_POW2 if rows >= p)
     return _few_rows_form_faster_pow2(pow2, out_features, in_features)
