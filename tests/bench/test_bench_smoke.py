@@ -16,6 +16,7 @@ ROWS = {
     "decode_b1_generate_chain_share", "decode_b8_dynamic", "decode_b8_static_compiled", "decode_b8",
     "decode_b8_chain_share", "decode_b8_generate_chain_share",
     "train_peak_memory", "grad_checkpointing_memory", "scaling_32_experts", "scaling_64_experts",
+    "train_fp32_retained",
 }
 
 
@@ -30,6 +31,7 @@ def test_bench_quick_tiny_writes_all_rows(tmp_path):
         assert rows[name]["ours"] > 0 and rows[name]["ratio"] > 0, name
     assert rows["decode_b1"]["target"] == ">= 1.4"
     assert rows["train_fp32_compiled"]["skipped"] == rows["train_bf16_compiled"]["skipped"] == "--quick"
+    assert rows["train_fp32_retained"]["skipped"] == rows["scaling_32_experts"]["skipped"] == "--quick"
     assert result["gemm_peak"]["float32"]["flops_per_s"] > 0
     for batch in (1, 8):  # the decode bound in both BLAS forms, and which one ours took (timed on this CPU)
         share = rows[f"decode_b{batch}_chain_share"]
