@@ -35,9 +35,9 @@ What is measured (ours = `jetmoe`, theirs = transformers with SDPA attention):
   in two rounds over 8, 32, 64 experts, median of the pooled steps. Both libraries run under the host memory
   policy `jetmoe train` sets (`jetmoe.training.host_memory`: glibc keeps freed memory, so the step's fresh
   gradients are not page-faulted in again); ours is also measured once with glibc's default policy. The
-  8-expert steps are the training step of the first rows under that policy for both libraries: where a page
-  fault is expensive (a VM), transformers' fresh allocations cost it much more than ours under glibc's default,
-  and this row shows the ratio without that.
+  8-expert steps also give a row of their own: the fp32 training ratio of the bench config with both libraries
+  under that policy (where page faults are expensive, as on a VM, glibc's default costs transformers' fresh
+  allocations much more than ours; this row leaves that out).
 """
 
 from __future__ import annotations
