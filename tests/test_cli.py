@@ -135,6 +135,25 @@ def test_resume_continues_to_a_larger_max_steps(tiny_run, tmp_path):
     assert metrics["step"] == 12 and metrics["tokens_seen"] == 12 * 4 * 32
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("overrides", [
+    ["trainer.precision=bf16-mixed"],
+    ["trainer.precision=bf16-true"],
+    ["trainer.precision=bf16-mixed", "trainer.strategy=fsdp", "trainer.compile=true"],
+], ids=["bf16-mixed", "bf16-true", "fsdp-compiled"])
+def test_train_on_one_gpu(tmp_path, overrides):
+    """The `gpu` trainer group on one device: bf16 autocast, pure bf16, and FSDP2 (one NCCL rank) with compiled
+    blocks."""
+    result = jetmoe(
+        "train", DEFAULT, *TINY, "trainer=gpu", "trainer.devices=1", *overrides, f"run.output_dir={tmp_path}/runs",
+        "run.name=gpu", f"data.cache_dir={tmp_path}/cache", cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = json.loads((tmp_path / "runs/gpu/metrics.json").read_text())
+    assert metrics["step"] == 8 and math.isfinite(metrics["val_loss"])
+
+
 # ----------------------------------------------------------------------------- user errors
 
 

@@ -39,8 +39,8 @@ def test_decode_step_traces_as_one_graph(tiny_config):
 
 
 @pytest.mark.slow
-def test_inductor_compiled_model_matches_eager(tiny_config):
-    model = JetMoeForCausalLM(tiny_config).train()
-    ids = torch.randint(0, 128, (2, 16))
+def test_inductor_compiled_model_matches_eager(tiny_config, device):
+    model = JetMoeForCausalLM(tiny_config).to(device).train()
+    ids = torch.randint(0, 128, (2, 16), device=device)
     out = torch.compile(model, fullgraph=True)(ids, labels=ids)
     torch.testing.assert_close(out.loss, model(ids, labels=ids).loss, atol=1e-5, rtol=0)

@@ -442,11 +442,11 @@ def test_unaligned_config_uses_loop_for_both_expert_weights():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("batch", [1, 3])
-def test_generate_with_compiled_static_step_matches_dynamic(tiny_config, batch):
+def test_generate_with_compiled_static_step_matches_dynamic(tiny_config, batch, device):
     """Inductor (C++ wrapper on CPU) for the small-batch decode path and the sorted grouped path."""
     torch._dynamo.reset()
-    model = JetMoeForCausalLM(tiny_config).eval()
-    ids = torch.randint(3, 128, (batch, 5))
+    model = JetMoeForCausalLM(tiny_config).to(device).eval()
+    ids = torch.randint(3, 128, (batch, 5), device=device)
     dynamic = model.generate(ids, max_new_tokens=6, eos_token_id=[])
     compiled = model.generate(ids, max_new_tokens=6, eos_token_id=[], static_cache=True, compile=True)
     assert torch.equal(dynamic, compiled)

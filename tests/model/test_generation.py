@@ -42,11 +42,12 @@ def test_static_cache_and_compiled_step_match_dynamic(model):
     assert dynamic.shape == (2, 11)
 
 
-def test_left_padded_batch_generates_like_single_rows(model):
-    prompts = [torch.randint(3, 128, (n,)) for n in (7, 4, 2)]
+def test_left_padded_batch_generates_like_single_rows(tiny_config, device):
+    model = JetMoeForCausalLM(tiny_config).to(device).eval()
+    prompts = [torch.randint(3, 128, (n,), device=device) for n in (7, 4, 2)]
     pad = model.config.pad_token_id
-    ids = torch.full((3, 7), pad)
-    mask = torch.zeros(3, 7, dtype=torch.long)
+    ids = torch.full((3, 7), pad, device=device)
+    mask = torch.zeros(3, 7, dtype=torch.long, device=device)
     for row, p in enumerate(prompts):
         ids[row, 7 - len(p):], mask[row, 7 - len(p):] = p, 1
     batched = model.generate(ids, attention_mask=mask, max_new_tokens=5, eos_token_id=[])
