@@ -11,7 +11,8 @@ pytest.importorskip("transformers")
 
 ROOT = Path(__file__).resolve().parents[2]
 ROWS = {
-    "train_fp32", "train_bf16", "train_fp32_compiled", "train_bf16_compiled", "forward_fp32",
+    "train_fp32", "train_bf16", "train_fp32_compiled", "train_bf16_compiled", "train_fp32_best", "train_bf16_best",
+    "forward_fp32",
     "decode_b1_dynamic", "decode_b1_static_compiled", "decode_b1", "decode_b1_chain_share",
     "decode_b1_generate_chain_share", "decode_b8_dynamic", "decode_b8_static_compiled", "decode_b8",
     "decode_b8_chain_share", "decode_b8_generate_chain_share",
@@ -29,7 +30,8 @@ def test_bench_quick_tiny_writes_all_rows(tmp_path):
     assert ROWS <= set(rows)
     for name in ("train_fp32", "train_bf16", "forward_fp32", "decode_b1", "decode_b8", "train_peak_memory"):
         assert rows[name]["ours"] > 0 and rows[name]["ratio"] > 0, name
-    assert rows["decode_b1"]["target"] == ">= 1.4"
+    assert rows["decode_b1"]["target"] == ">= 1.4" and rows["train_bf16_best"]["target"] == ">= 1.5"
+    assert "ours best: eager" in rows["train_bf16_best"]["label"]  # --quick compiles nothing
     assert rows["train_fp32_compiled"]["skipped"] == rows["train_bf16_compiled"]["skipped"] == "--quick"
     assert rows["train_fp32_retained"]["skipped"] == rows["scaling_32_experts"]["skipped"] == "--quick"
     assert result["gemm_peak"]["float32"]["flops_per_s"] > 0

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from numerics import relative_error
 
 from jetmoe import JetMoeConfig, JetMoeForCausalLM
 from jetmoe.model import experts as experts_mod
@@ -61,10 +62,6 @@ def test_routing_is_sorted_and_complete():
     torch.testing.assert_close(gates.sum(-1), torch.ones(50))
 
 
-def _relative_error(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).norm() / b.float().norm().clamp(min=1e-12)).item()
-
-
 @pytest.mark.parametrize("top_k, experts", [(1, 4), (2, 8), (3, 3)])
 def test_whole_model_grouped_equals_loop(top_k, experts, device):
     # fp32 where the device's grouped GEMM takes it (the CPU), else bf16 (CUDA's `torch._grouped_mm`)
@@ -82,9 +79,9 @@ def test_whole_model_grouped_equals_loop(top_k, experts, device):
         for (name, p), q in zip(grouped.named_parameters(), loop.parameters()):
             torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4, msg=name)
     else:  # the two sum in other orders before rounding to bf16: compare whole tensors
-        assert _relative_error(out_g.logits, out_l.logits) < 1e-2
+        assert relative_error(out_g.logits, out_l.logits) < 1e-2
         for (name, p), q in zip(grouped.named_parameters(), loop.parameters()):
-            assert _relative_error(p.grad, q.grad) < 3e-2, name
+            assert relative_error(p.grad, q.grad) < 3e-2, name
 
 
 def test_auto_resolves_to_grouped_on_cpu():

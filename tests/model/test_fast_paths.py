@@ -6,6 +6,7 @@ import time
 import pytest
 import torch
 import torch.nn.functional as F
+from torch._dynamo.testing import EagerAndRecordGraphs
 
 from jetmoe import JetMoeConfig, JetMoeForCausalLM
 from jetmoe.losses import causal_lm_cross_entropy, linear_cross_entropy
@@ -156,13 +157,22 @@ def test_bf16_training_takes_the_blocked_attention_backward(monkeypatch):
         assert not ops.blocked_attention_backward(q, k, None, 0.0, True)
 
 
-def test_compiled_bf16_training_attention_keeps_sdpa():
-    q, k, v, _ = _gqa_inputs()
-    q.requires_grad_()
+def test_compiled_bf16_training_takes_the_blocked_attention_backward(monkeypatch):
+    monkeypatch.setattr(ops, "cpu_has_bf16_units", lambda: True)
+    q, k, v, do = _gqa_inputs()
     torch._dynamo.reset()  # fullgraph raises at a graph break (e.g. tracing into the cpuinfo read)
-    sdpa = torch.compile(attention_mod._sdpa, fullgraph=True, backend="aot_eager")
-    # Within bf16 rounding: on a CPU without bf16 units the compiled SDPA computes in fp32 (`ops.upcast_bf16`).
-    torch.testing.assert_close(sdpa(q, k, v, None, 0.0, True), ops.causal_attention(q, k, v), atol=1e-2, rtol=2e-2)
+    graphs = EagerAndRecordGraphs()
+    torch.compile(attention_mod._sdpa, fullgraph=True, backend=graphs)(q.requires_grad_(), k, v, None, 0.0, True)
+    assert "jetmoe.causal_attention" in graphs.graphs[0].code
+    # Through AOT autograd (the op's registered backward traced into the backward graph): eager's numbers.
+    torch._dynamo.reset()
+    compiled = torch.compile(ops.causal_attention, fullgraph=True, backend="aot_eager")
+    o, grads, _ = _grads(compiled, q, k, v, dy=do)
+    o_eager, grads_eager, _ = _grads(ops.causal_attention, q, k, v, dy=do)
+    assert torch.equal(o, o_eager)
+    for g, g_eager in zip(grads, grads_eager):
+        assert torch.equal(g, g_eager)
+    torch._dynamo.reset()
 
 
 def _single_query_inputs(B=2, H=2, G=3, S=9, Dh=8):

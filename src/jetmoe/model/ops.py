@@ -364,37 +364,74 @@ def _causal_attention_backward(q_BQTD, k_BHTD, v_BHTD, o_BQTD, lse_BQT, do_BQTD)
     return dq_BQTD, dk_BHTD, dv_BHTD
 
 
-class _CausalAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q_BQTD, k_BHTD, v_BHTD):
-        o_BQTD, lse_BQT = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-            q_BQTD, k_BHTD, v_BHTD, 0.0, True
-        )[:2]
-        ctx.save_for_backward(q_BQTD, k_BHTD, v_BHTD, o_BQTD, lse_BQT)
-        return o_BQTD
+def _as_BTQD(x_BQTD: torch.Tensor) -> torch.Tensor:
+    """`x_BQTD` as a transposed view of `[B, T, Q, D]` memory (the layout the fake kernels promise)."""
+    if x_BQTD.transpose(1, 2).is_contiguous():
+        return x_BQTD
+    return x_BQTD.transpose(1, 2).contiguous().transpose(1, 2)
 
-    @staticmethod
-    def backward(ctx, do_BQTD):
-        return _causal_attention_backward(*ctx.saved_tensors, do_BQTD)
+
+@torch.library.custom_op("jetmoe::causal_attention", mutates_args=())
+def _causal_attention_op(
+    q_BQTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    o_BQTD, lse_BQT = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+        q_BQTD, k_BHTD, v_BHTD, 0.0, True
+    )[:2]
+    return _as_BTQD(o_BQTD), _as_BTQD(lse_BQT.unsqueeze(-1)).squeeze(-1)
+
+
+@_causal_attention_op.register_fake
+def _(q_BQTD, k_BHTD, v_BHTD):
+    B, Q, T, Dh = q_BQTD.shape
+    o_BQTD = q_BQTD.new_empty(B, T, Q, Dh).transpose(1, 2)
+    return o_BQTD, q_BQTD.new_empty(B, T, Q, dtype=torch.float32).transpose(1, 2)
+
+
+@torch.library.custom_op("jetmoe::causal_attention_backward", mutates_args=())
+def _causal_attention_backward_op(
+    q_BQTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor, o_BQTD: torch.Tensor, lse_BQT: torch.Tensor,
+    do_BQTD: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _causal_attention_backward(q_BQTD, k_BHTD, v_BHTD, o_BQTD, lse_BQT, do_BQTD)
+
+
+@_causal_attention_backward_op.register_fake
+def _(q_BQTD, k_BHTD, v_BHTD, o_BQTD, lse_BQT, do_BQTD):
+    B, H, T, Dh = k_BHTD.shape
+    dk_BHTD = k_BHTD.new_empty(B, H, Dh, T).transpose(-2, -1)  # the layouts `_causal_attention_backward` returns
+    return torch.empty_like(q_BQTD), dk_BHTD, torch.empty_like(dk_BHTD)
+
+
+def _causal_attention_setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs, *output)
+
+
+def _causal_attention_autograd(ctx, do_BQTD, dlse_BQT):
+    return _causal_attention_backward_op(*ctx.saved_tensors, do_BQTD)
+
+
+_causal_attention_op.register_autograd(_causal_attention_autograd, setup_context=_causal_attention_setup_context)
 
 
 def blocked_attention_backward(
     q_BQTD: torch.Tensor, k_BHTD: torch.Tensor, mask: torch.Tensor | None, dropout: float, is_causal: bool
 ) -> bool:
     """Does `causal_attention` apply? Causal self-attention (as many keys as queries), no mask or dropout, bf16
-    on a CPU with bf16 units, eager, and differentiated. There the CPU flash kernel's backward runs in fp32
-    (about 5x its forward's time)."""
-    return (  # `is_compiling` first: tracing must not reach `cpu_has_bf16_units` (a file read)
-        not torch.compiler.is_compiling() and is_causal and mask is None and dropout == 0.0
-        and q_BQTD.shape[2] == k_BHTD.shape[2] and q_BQTD.device.type == "cpu" and q_BQTD.dtype == torch.bfloat16
-        and torch.is_grad_enabled() and q_BQTD.requires_grad and cpu_has_bf16_units()
+    on a CPU with bf16 units, and differentiated (eager or compiled). There the CPU flash kernel's backward runs
+    in fp32 (about 5x its forward's time)."""
+    return (
+        is_causal and mask is None and dropout == 0.0 and q_BQTD.shape[2] == k_BHTD.shape[2]
+        and q_BQTD.device.type == "cpu" and q_BQTD.dtype == torch.bfloat16 and torch.is_grad_enabled()
+        and q_BQTD.requires_grad and not upcast_bf16("cpu", torch.bfloat16)
     )
 
 
 def causal_attention(q_BQTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> torch.Tensor:
     """Causal grouped-query attention (query head i uses key/value head i // (Q / H)) with the default scale:
-    forward by the CPU flash kernel, backward by `_causal_attention_backward`."""
-    return _CausalAttention.apply(q_BQTD, k_BHTD, v_BHTD)
+    forward by the CPU flash kernel, backward by `_causal_attention_backward`; the custom op
+    `jetmoe::causal_attention`, so that a compiled training step takes them too."""
+    return _causal_attention_op(q_BQTD, k_BHTD, v_BHTD)[0]
 
 
 def mask_scores(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
