@@ -92,13 +92,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 SCALING_EXPERTS = (8, 32, 64)
+TRAIN_RETAINED_LABEL = "training step tokens/s (fp32, eager), both keeping freed host memory (fresh processes)"
 
 
 def scaling_config(preset: str, experts: int) -> JetMoeConfig:
     """The preset with `experts` experts (top-k and expert size fixed), and the preset's `scaling` overrides."""
     return make_config(preset, num_local_experts=experts, **PRESETS[preset].get("scaling", {}))
-
-TRAIN_RETAINED_LABEL = "training step tokens/s (fp32, eager), both keeping freed host memory (fresh processes)"
 
 
 def few_rows_form(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
