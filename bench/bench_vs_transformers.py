@@ -41,7 +41,8 @@ What is measured (ours = `jetmoe`, theirs = transformers with SDPA attention):
   allocations much more than ours; this row leaves that out). The `gpu` preset scales a 2-layer variant of its
   model (64 experts in all 12 layers would be ~30B parameters).
 
-A section that runs out of device memory is skipped (named under the table) and the others still run.
+A section (or one precision of the training rows) that runs out of device memory is skipped, named under the
+table, and the rest still runs.
 """
 
 from __future__ import annotations
@@ -237,7 +238,7 @@ def bench_training(args, device, results) -> None:
     torch.manual_seed(0)
     ids = torch.randint(0, config.vocab_size, (B, T), device=device)
 
-    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+    def precision(dtype_name: str, dtype: torch.dtype) -> None:
         torch.manual_seed(0)
         ours = JetMoeForCausalLM(config).to(device).train()
         theirs = hf_twin(ours).train()
@@ -288,6 +289,9 @@ def bench_training(args, device, results) -> None:
                         tokens / median(times["theirs"]), "tokens/s", times=times)
         del ours, theirs
         gc.collect()
+
+    for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):  # one may fill a GPU alone
+        guard_out_of_memory(f"train {dtype_name}", device, results, precision, dtype_name, dtype)
 
 
 # ----------------------------------------------------------------------------- decoding
@@ -730,7 +734,7 @@ def to_markdown(results: Results) -> str:
         extra.append(f"- GEMM peak (best of {', '.join(g['shapes'])}): fp32 {g['float32']['flops_per_s'] / 1e9:.0f} "
                      f"GFLOP/s, bf16 {g['bfloat16']['flops_per_s'] / 1e9:.0f} GFLOP/s")
     if m.get("out_of_memory"):
-        extra.append(f"- sections skipped, out of memory: {', '.join(m['out_of_memory'])}")
+        extra.append(f"- skipped, out of memory: {', '.join(m['out_of_memory'])}")
     if "train_flops_per_step" in m:
         extra.append(f"- training FLOPs per step (matmuls, 3x forward): {m['train_flops_per_step'] / 1e9:.0f} GFLOP")
     if extra:
@@ -754,6 +758,21 @@ def machine_name(device: torch.device) -> str:
         found = re.search(r"model name\s*:\s*(.+)", Path("/proc/cpuinfo").read_text())
         model = found.group(1).strip() if found else model
     return f"{model} ({os.cpu_count()} CPUs)"
+
+
+def guard_out_of_memory(name: str, device: torch.device, results: Results, fn: Callable, *fn_args: Any) -> None:
+    """`fn(*fn_args)`; if the device runs out of memory, `name` is skipped (named under the table) and the run goes
+    on."""
+    try:
+        fn(*fn_args)
+        return
+    except torch.OutOfMemoryError as e:
+        message = str(e).splitlines()[0]  # the exception (and the frames holding its tensors) dies here
+    log(f"{name}: out of memory, skipped ({message})")
+    results.meta.setdefault("out_of_memory", []).append(name)
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
 
 
 def bench_gemm(args, device, results) -> None:
@@ -827,16 +846,8 @@ def main(argv: list[str] | None = None) -> int:
     sections = set(args.sections.split(","))
     start = time.perf_counter()
     for name, run in SECTIONS.items():
-        if name not in sections:
-            continue
-        try:
-            run(args, device, results)
-        except torch.OutOfMemoryError as e:  # on a GPU: keep the other sections' rows
-            log(f"{name}: out of memory, section skipped ({str(e).splitlines()[0]})")
-            results.meta.setdefault("out_of_memory", []).append(name)
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
+        if name in sections:
+            guard_out_of_memory(name, device, results, run, args, device, results)
     results.meta["wall_s"] = time.perf_counter() - start
     args.out_dir.mkdir(parents=True, exist_ok=True)
     payload = {"meta": results.meta, "rows": results.rows, "gemm_peak": results.gemm}

@@ -1,11 +1,13 @@
 """The benchmark runs end to end on a tiny config (`--quick`) and writes every row; no speed assertions."""
 
+import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytest.importorskip("transformers")
 
@@ -48,6 +50,22 @@ def test_bench_quick_tiny_writes_all_rows(tmp_path):
         assert rows[f"decode_b{batch}_generate_chain_share"]["ours"] > 0
     markdown = (tmp_path / "latest.md").read_text()
     assert "| metric | ours | transformers | ratio | target | met |" in markdown
+
+
+def test_out_of_memory_skips_only_what_ran_out(monkeypatch):
+    spec = importlib.util.spec_from_file_location("bench_vs_transformers", ROOT / "bench" / "bench_vs_transformers.py")
+    bench = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, bench)  # its dataclasses look their module up there
+    spec.loader.exec_module(bench)
+    results = bench.Results(meta={})
+
+    def fill_the_device() -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    ran = []
+    bench.guard_out_of_memory("train fp32", torch.device("cpu"), results, fill_the_device)
+    bench.guard_out_of_memory("train bf16", torch.device("cpu"), results, ran.append, "bf16")
+    assert results.meta["out_of_memory"] == ["train fp32"] and ran == ["bf16"]
 
 
 def test_expert_callback_bench_times_both_sides(tmp_path):
