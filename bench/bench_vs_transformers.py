@@ -575,7 +575,12 @@ def bench_scaling(args, device, results) -> None:
     under the host memory policy of `jetmoe train` (`retain_freed_memory`), for transformers too; ours is also
     measured with glibc's default policy, which page-faults every step's fresh gradients in again. transformers'
     per-expert loop makes a step with many experts very slow (every expert's weight slice allocates a full-size
-    gradient), so it gets one round, and one step without warm-up beyond 8 experts."""
+    gradient), so it gets one round, and one step without warm-up beyond 8 experts. Skipped under --quick."""
+    if args.quick:
+        results.skip("train_fp32_retained", TRAIN_RETAINED_LABEL, "--quick")
+        for e in SCALING_EXPERTS[1:]:
+            results.skip(f"scaling_{e}_experts", f"training tokens/s with {e} experts", "--quick")
+        return
     B, T = PRESETS[args.config]["batch"], PRESETS[args.config]["seq"]
     tokens = B * T
     tps: dict[int, dict[str, Any]] = {}
@@ -781,17 +786,8 @@ def bench_gemm(args, device, results) -> None:
     results.gemm = gemm_peak(device, make_config(args.config), preset["batch"], preset["seq"], args.iters)
 
 
-def bench_scaling_or_skip(args, device, results) -> None:
-    if not args.quick:
-        bench_scaling(args, device, results)
-        return
-    results.skip("train_fp32_retained", TRAIN_RETAINED_LABEL, "--quick")
-    for e in SCALING_EXPERTS[1:]:
-        results.skip(f"scaling_{e}_experts", f"training tokens/s with {e} experts", "--quick")
-
-
 SECTIONS = {"gemm": bench_gemm, "train": bench_training, "decode": bench_decode, "memory": bench_memory,
-            "scaling": bench_scaling_or_skip}
+            "scaling": bench_scaling}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
