@@ -129,36 +129,44 @@ def _gqa_inputs(B=2, T=37, H=2, G=2, Dh=16, peak=4.0):
 
 
 @pytest.mark.parametrize("block, chunk", [(8, 64), (64, 2**21)])  # several blocks and head groups; one block
-def test_causal_attention_backward_matches_fp32_sdpa(block, chunk, monkeypatch):
+def test_causal_attention_matches_fp32_sdpa(block, chunk, monkeypatch):
     monkeypatch.setattr(ops, "ATTN_BLOCK", block)
     monkeypatch.setattr(ops, "ATTN_CHUNK_ELEMENTS", chunk)
     q, k, v, do = _gqa_inputs()
     sdpa = lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=True, enable_gqa=True)  # noqa: E731
     o, grads, _ = _grads(ops.causal_attention, q, k, v, dy=do)
     o_flash, grads_flash, _ = _grads(sdpa, q, k, v, dy=do)
-    _, grads_ref, _ = _grads(sdpa, q.float(), k.float(), v.float(), dy=do.float())
-    assert torch.equal(o, o_flash)  # the forward is the CPU flash kernel's
+    o_ref, grads_ref, _ = _grads(sdpa, q.float(), k.float(), v.float(), dy=do.float())
+    assert o.dtype == torch.bfloat16 and o.shape == o_ref.shape
+    err, err_flash = (relative_error(x, o_ref) for x in (o, o_flash))
+    assert err < max(2 * err_flash, 4e-3), (err, err_flash)  # bf16 level, as the flash kernel's forward
+    T = q.shape[2]
+    G = q.shape[1] // k.shape[1]
+    scores = q.float() @ k.float().repeat_interleave(G, 1).transpose(-2, -1) * q.shape[-1] ** -0.5
+    lse_ref = scores.masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), float("-inf")).logsumexp(-1)
+    lse = ops._causal_attention_op(q, k, v)[1]
+    assert lse.dtype == torch.float32 and (lse - lse_ref).abs().max() < 1e-2
     for g, g_flash, g_ref in zip(grads, grads_flash, grads_ref):
         assert g.dtype == torch.bfloat16 and g.shape == g_ref.shape
         err, err_flash = (relative_error(x, g_ref) for x in (g, g_flash))
         assert err < max(3 * err_flash, 4e-3), (err, err_flash)  # bf16 level, as flash's own bf16 backward
 
 
-def test_bf16_training_takes_the_blocked_attention_backward(monkeypatch):
+def test_bf16_training_takes_the_blocked_causal_attention(monkeypatch):
     monkeypatch.setattr(ops, "cpu_has_bf16_units", lambda: True)
     q, k, _, _ = _gqa_inputs()
     q.requires_grad_()
-    assert ops.blocked_attention_backward(q, k, None, 0.0, True)
-    assert not ops.blocked_attention_backward(q, k, None, 0.1, True)  # dropout: SDPA
-    assert not ops.blocked_attention_backward(q, k, None, 0.0, False)  # not causal: SDPA
-    assert not ops.blocked_attention_backward(q, k, torch.ones(37, 37, dtype=torch.bool), 0.0, True)  # a mask
-    assert not ops.blocked_attention_backward(q, k[:, :, :5], None, 0.0, True)  # fewer keys than queries
-    assert not ops.blocked_attention_backward(q.detach().float().requires_grad_(), k.float(), None, 0.0, True)
+    assert ops.causal_attention_applies(q, k, None, 0.0, True)
+    assert not ops.causal_attention_applies(q, k, None, 0.1, True)  # dropout: SDPA
+    assert not ops.causal_attention_applies(q, k, None, 0.0, False)  # not causal: SDPA
+    assert not ops.causal_attention_applies(q, k, torch.ones(37, 37, dtype=torch.bool), 0.0, True)  # a mask
+    assert not ops.causal_attention_applies(q, k[:, :, :5], None, 0.0, True)  # fewer keys than queries
+    assert not ops.causal_attention_applies(q.detach().float().requires_grad_(), k.float(), None, 0.0, True)
     with torch.no_grad():
-        assert not ops.blocked_attention_backward(q, k, None, 0.0, True)
+        assert not ops.causal_attention_applies(q, k, None, 0.0, True)
 
 
-def test_compiled_bf16_training_takes_the_blocked_attention_backward(monkeypatch):
+def test_compiled_bf16_training_takes_the_blocked_causal_attention(monkeypatch):
     monkeypatch.setattr(ops, "cpu_has_bf16_units", lambda: True)
     q, k, v, do = _gqa_inputs()
     torch._dynamo.reset()  # fullgraph raises at a graph break (e.g. tracing into the cpuinfo read)

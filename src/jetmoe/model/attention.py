@@ -19,7 +19,7 @@ from jetmoe.config import JetMoeConfig
 from jetmoe.model.experts import MixtureOfAttentionHeads, Routing
 from jetmoe.model.layers import apply_rotary
 from jetmoe.model.ops import (
-    blocked_attention_backward, causal_attention, linear, mask_scores, single_query_attention,
+    causal_attention_applies, causal_attention, linear, mask_scores, single_query_attention,
     single_query_attention_applies, upcast_bf16,
 )
 
@@ -76,9 +76,9 @@ KVCache = DynamicKVCache | StaticKVCache
 def _sdpa(q_BQTD, k_BHTD, v_BHTD, mask, dropout: float, is_causal: bool) -> torch.Tensor:
     """SDPA with grouped-query heads (query head i uses key/value head i // (Q / H)); `is_causal` without a mask
     lets the CPU pick its flash kernel. bf16 runs in fp32 where the bf16 policy says so (`ops.upcast_bf16`), and
-    bf16 training on a CPU with bf16 units takes `ops.causal_attention` (the same forward, a faster backward).
+    bf16 training on a CPU with bf16 units takes `ops.causal_attention` (blocked bf16 GEMMs, forward and backward).
     A compiled decode step on the CPU (one query row) takes `ops.single_query_attention`."""
-    if blocked_attention_backward(q_BQTD, k_BHTD, mask, dropout, is_causal):
+    if causal_attention_applies(q_BQTD, k_BHTD, mask, dropout, is_causal):
         return causal_attention(q_BQTD, k_BHTD, v_BHTD)
     dtype = q_BQTD.dtype
     if upcast_bf16(q_BQTD.device.type, dtype):

@@ -291,7 +291,7 @@ def mix(
 
 # ----------------------------------------------------------------------------- causal attention (CPU, bf16)
 
-ATTN_BLOCK = 64  # query positions per block of the backward
+ATTN_BLOCK = 64  # query positions per block of the forward and the backward
 ATTN_CHUNK_ELEMENTS = 2**21  # score elements per block and group of heads (4 MiB in bf16)
 
 
@@ -301,24 +301,72 @@ def _hi_lo(x32: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.T
     return hi, (x32 - hi).to(dtype)
 
 
-def _key_rows(x_BHTD: torch.Tensor, tail_BHT2: torch.Tensor) -> torch.Tensor:
-    """`[N, Dh + 2, T]` (N = B·H): each key/value head transposed, with two extra rows `tail`."""
+def _key_rows(x_BHTD: torch.Tensor, tail_BHTC: torch.Tensor) -> torch.Tensor:
+    """`[N, Dh + C, T]` (N = B·H): each key/value head transposed, with C extra rows `tail`."""
     B, H, T, Dh = x_BHTD.shape
-    out = x_BHTD.new_empty(B, H, Dh + 2, T)
+    out = x_BHTD.new_empty(B, H, Dh + tail_BHTC.shape[-1], T)
     out[:, :, :Dh].copy_(x_BHTD.transpose(-2, -1))
-    out[:, :, Dh:].copy_(tail_BHT2.transpose(-2, -1))
-    return out.view(B * H, Dh + 2, T)
+    out[:, :, Dh:].copy_(tail_BHTC.transpose(-2, -1))
+    return out.view(B * H, -1, T)
 
 
-def _query_rows(x_BQTD: torch.Tensor, tail_BQT2: torch.Tensor, H: int) -> torch.Tensor:
-    """`[N, T·G, Dh + 2]`: the G query heads of each key/value head as rows ordered (position, head), so that a
-    block of positions is a block of rows; plus two extra columns `tail`."""
+def _query_rows(x_BQTD: torch.Tensor, tail_BQTC: torch.Tensor, H: int) -> torch.Tensor:
+    """`[N, T·G, Dh + C]`: the G query heads of each key/value head as rows ordered (position, head), so that a
+    block of positions is a block of rows; plus C extra columns `tail`."""
     B, Q, T, Dh = x_BQTD.shape
-    G = Q // H
-    out = x_BQTD.new_empty(B, H, T, G, Dh + 2)
+    G, C = Q // H, tail_BQTC.shape[-1]
+    out = x_BQTD.new_empty(B, H, T, G, Dh + C)
     out[..., :Dh].copy_(x_BQTD.view(B, H, G, T, Dh).transpose(2, 3))
-    out[..., Dh:].copy_(tail_BQT2.view(B, H, G, T, 2).transpose(2, 3))
-    return out.view(B * H, T * G, Dh + 2)
+    out[..., Dh:].copy_(tail_BQTC.view(B, H, G, T, C).transpose(2, 3))
+    return out.view(B * H, T * G, Dh + C)
+
+
+def _causal_blocks(q_BQTD: torch.Tensor, H: int):
+    """The blocks both passes walk: `(heads, rows, t0, t1, future)` for each group of heads and block of query
+    positions t0 <= t < t1 (rows `t0·G : t1·G`), `future` masking the keys s > t of the block's diagonal."""
+    B, Q, T, _ = q_BQTD.shape
+    G, Tb = Q // H, min(ATTN_BLOCK, T)
+    pos = torch.arange(Tb, device=q_BQTD.device)
+    future_RT = (pos[None, :] > pos[:, None]).repeat_interleave(G, 0)  # row (t, head) sees key s <= t
+    heads = max(1, ATTN_CHUNK_ELEMENTS // (Tb * G * T))
+    for n0 in range(0, B * H, heads):
+        for t0 in range(0, T, Tb):
+            t1 = min(t0 + Tb, T)
+            yield slice(n0, n0 + heads), slice(t0 * G, t1 * G), t0, t1, future_RT[: (t1 - t0) * G, : t1 - t0]
+
+
+def _causal_attention_forward(q_BQTD, k_BHTD, v_BHTD):
+    """Attention forward by blocks of query positions, every product a batched bf16 GEMM (the CPU flash kernel
+    computes its scores in fp32, ~1.7x slower on this project's CPU). Each block's scores are computed twice: once
+    for their row maxima m, then with -m riding in the GEMM as an extra column, so that the GEMM outputs `S - m`,
+    accurate in bf16 near the probabilities that matter. Returns O and the logsumexp (fp32), both in `[B, T, Q]`
+    memory, as the flash kernel does."""
+    B, Q, T, Dh = q_BQTD.shape
+    H, dtype = k_BHTD.shape[1], q_BQTD.dtype
+    G, N, scale = Q // H, B * H, Dh**-0.5
+    q_NRX = _query_rows(q_BQTD, q_BQTD.new_zeros(B, Q, T, 1), H)  # R = T·G rows, X = Dh + 1
+    kT_NXT = _key_rows(k_BHTD, k_BHTD.new_ones(B, H, T, 1))
+    v_NTD = v_BHTD.reshape(N, T, Dh)
+    m_NR = q_BQTD.new_empty(N, T * G)
+    l_NR = q_BQTD.new_empty(N, T * G, dtype=torch.float32)
+    pv_NRD = q_BQTD.new_empty(N, T * G, Dh)
+    for n, r, t0, t1, future_RT in _causal_blocks(q_BQTD, H):
+        s_NRT = torch.bmm(q_NRX[n, r, :Dh], kT_NXT[n, :Dh, :t1])
+        s_NRT[:, :, t0:].masked_fill_(future_RT, float("-inf"))
+        torch.amax(s_NRT, -1, out=m_NR[n, r])
+        torch.neg(m_NR[n, r], out=q_NRX[n, r, Dh])
+        p_NRT = torch.bmm(q_NRX[n, r], kT_NXT[n, :, :t1]).mul_(scale).exp_()  # exp(scale·(S - m))
+        p_NRT[:, :, t0:].masked_fill_(future_RT, 0.0)
+        torch.sum(p_NRT, -1, dtype=torch.float32, out=l_NR[n, r])
+        torch.bmm(p_NRT, v_NTD[n, :t1], out=pv_NRD[n, r])
+
+    def as_BTHG(x_NR: torch.Tensor) -> torch.Tensor:
+        return x_NR.view(B, H, T, G, *x_NR.shape[2:]).transpose(1, 2)
+
+    o_BTHGD = q_BQTD.new_empty(B, T, H, G, Dh)
+    torch.div(as_BTHG(pv_NRD), as_BTHG(l_NR).unsqueeze(-1), out=o_BTHGD)
+    lse_BTHG = torch.log(as_BTHG(l_NR)).add_(as_BTHG(m_NR), alpha=scale)
+    return o_BTHGD.view(B, T, Q, Dh).transpose(1, 2), lse_BTHG.reshape(B, T, Q).transpose(1, 2)
 
 
 def _causal_attention_backward(q_BQTD, k_BHTD, v_BHTD, o_BQTD, lse_BQT, do_BQTD):
@@ -338,24 +386,16 @@ def _causal_attention_backward(q_BQTD, k_BHTD, v_BHTD, o_BQTD, lse_BQT, do_BQTD)
     kT_NXT, vT_NXT = _key_rows(k_BHTD, ones_BHT2), _key_rows(v_BHTD, ones_BHT2)
     k_NTD = k_BHTD.reshape(N, T, Dh)
 
-    Tb = min(ATTN_BLOCK, T)
-    pos = torch.arange(Tb, device=q_BQTD.device)
-    future_RT = (pos[None, :] > pos[:, None]).repeat_interleave(G, 0)  # row (t, head) sees key s <= t
     dq_NRD = q_BQTD.new_empty(N, T * G, Dh)
     dkT_NDT = torch.zeros(N, Dh, T, device=q_BQTD.device)
     dvT_NDT = torch.zeros_like(dkT_NDT)
-    heads = max(1, ATTN_CHUNK_ELEMENTS // (Tb * G * T))
-    for n0 in range(0, N, heads):
-        n = slice(n0, n0 + heads)
-        for t0 in range(0, T, Tb):
-            t1 = min(t0 + Tb, T)
-            r = slice(t0 * G, t1 * G)
-            p_NRT = torch.bmm(q_NRX[n, r], kT_NXT[n, :, :t1]).mul_(scale).exp_()
-            p_NRT[:, :, t0:].masked_fill_(future_RT[: (t1 - t0) * G, : t1 - t0], 0.0)
-            ds_NRT = torch.bmm(do_NRX[n, r], vT_NXT[n, :, :t1]).mul_(p_NRT)  # P ∘ (dP - D)
-            dq_NRD[n, r] = torch.bmm(ds_NRT, k_NTD[n, :t1])
-            dkT_NDT[n, :, :t1].add_(torch.bmm(q_NRX[n, r, :Dh].transpose(1, 2), ds_NRT))
-            dvT_NDT[n, :, :t1].add_(torch.bmm(do_NRX[n, r, :Dh].transpose(1, 2), p_NRT))
+    for n, r, t0, t1, future_RT in _causal_blocks(q_BQTD, H):
+        p_NRT = torch.bmm(q_NRX[n, r], kT_NXT[n, :, :t1]).mul_(scale).exp_()
+        p_NRT[:, :, t0:].masked_fill_(future_RT, 0.0)
+        ds_NRT = torch.bmm(do_NRX[n, r], vT_NXT[n, :, :t1]).mul_(p_NRT)  # P ∘ (dP - D)
+        dq_NRD[n, r] = torch.bmm(ds_NRT, k_NTD[n, :t1])
+        dkT_NDT[n, :, :t1].add_(torch.bmm(q_NRX[n, r, :Dh].transpose(1, 2), ds_NRT))
+        dvT_NDT[n, :, :t1].add_(torch.bmm(do_NRX[n, r, :Dh].transpose(1, 2), p_NRT))
 
     dq_BQTD = torch.empty_like(q_BQTD)
     torch.mul(dq_NRD.view(B, H, T, G, Dh).transpose(2, 3), scale, out=dq_BQTD.view(B, H, G, T, Dh))
@@ -364,21 +404,11 @@ def _causal_attention_backward(q_BQTD, k_BHTD, v_BHTD, o_BQTD, lse_BQT, do_BQTD)
     return dq_BQTD, dk_BHTD, dv_BHTD
 
 
-def _as_BTQD(x_BQTD: torch.Tensor) -> torch.Tensor:
-    """`x_BQTD` as a transposed view of `[B, T, Q, D]` memory (the layout the fake kernels promise)."""
-    if x_BQTD.transpose(1, 2).is_contiguous():
-        return x_BQTD
-    return x_BQTD.transpose(1, 2).contiguous().transpose(1, 2)
-
-
 @torch.library.custom_op("jetmoe::causal_attention", mutates_args=())
 def _causal_attention_op(
     q_BQTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    o_BQTD, lse_BQT = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-        q_BQTD, k_BHTD, v_BHTD, 0.0, True
-    )[:2]
-    return _as_BTQD(o_BQTD), _as_BTQD(lse_BQT.unsqueeze(-1)).squeeze(-1)
+    return _causal_attention_forward(q_BQTD, k_BHTD, v_BHTD)
 
 
 @_causal_attention_op.register_fake
@@ -414,12 +444,12 @@ def _causal_attention_autograd(ctx, do_BQTD, dlse_BQT):
 _causal_attention_op.register_autograd(_causal_attention_autograd, setup_context=_causal_attention_setup_context)
 
 
-def blocked_attention_backward(
+def causal_attention_applies(
     q_BQTD: torch.Tensor, k_BHTD: torch.Tensor, mask: torch.Tensor | None, dropout: float, is_causal: bool
 ) -> bool:
     """Does `causal_attention` apply? Causal self-attention (as many keys as queries), no mask or dropout, bf16
-    on a CPU with bf16 units, and differentiated (eager or compiled). There the CPU flash kernel's backward runs
-    in fp32 (about 5x its forward's time)."""
+    on a CPU with bf16 units, and differentiated (eager or compiled). There the CPU flash kernel runs its backward
+    in fp32 (about 5x its forward's time) and its forward's scores in fp32 too."""
     return (
         is_causal and mask is None and dropout == 0.0 and q_BQTD.shape[2] == k_BHTD.shape[2]
         and q_BQTD.device.type == "cpu" and q_BQTD.dtype == torch.bfloat16 and torch.is_grad_enabled()
@@ -429,7 +459,7 @@ def blocked_attention_backward(
 
 def causal_attention(q_BQTD: torch.Tensor, k_BHTD: torch.Tensor, v_BHTD: torch.Tensor) -> torch.Tensor:
     """Causal grouped-query attention (query head i uses key/value head i // (Q / H)) with the default scale:
-    forward by the CPU flash kernel, backward by `_causal_attention_backward`; the custom op
+    forward by `_causal_attention_forward`, backward by `_causal_attention_backward`; the custom op
     `jetmoe::causal_attention`, so that a compiled training step takes them too."""
     return _causal_attention_op(q_BQTD, k_BHTD, v_BHTD)[0]
 
