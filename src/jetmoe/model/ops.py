@@ -342,7 +342,7 @@ def _causal_attention_forward(q_BQTD, k_BHTD, v_BHTD):
     accurate in bf16 near the probabilities that matter. Returns O and the logsumexp (fp32), both in `[B, T, Q]`
     memory, as the flash kernel does."""
     B, Q, T, Dh = q_BQTD.shape
-    H, dtype = k_BHTD.shape[1], q_BQTD.dtype
+    H = k_BHTD.shape[1]
     G, N, scale = Q // H, B * H, Dh**-0.5
     q_NRX = _query_rows(q_BQTD, q_BQTD.new_zeros(B, Q, T, 1), H)  # R = T·G rows, X = Dh + 1
     kT_NXT = _key_rows(k_BHTD, k_BHTD.new_ones(B, H, T, 1))
