@@ -90,7 +90,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
         dh_ND = torch.empty_like(h_ND) if need_dh else None
         dw_VD = torch.zeros(V, h_ND.shape[1], dtype=torch.float32, device=h_ND.device) if need_dw else None
         logits_buf = torch.empty(min(chunk_rows, N), V, dtype=torch.float32, device=h_ND.device)
-        logp_buf = torch.empty_like(logits_buf)
+        probs_buf = torch.empty_like(logits_buf)
         loss = h_ND.new_zeros((), dtype=torch.float32)
         for start in range(0, N, chunk_rows):
             rows = slice(start, min(start + chunk_rows, N))
@@ -100,12 +100,15 @@ class _LinearCrossEntropy(torch.autograd.Function):
                 logits_CV = torch.mm(h_CD, w_VD32.t(), out=logits_buf[:n])
             else:
                 logits_CV = logits_buf[:n].copy_(h_CD @ w_VD32.t())
-            logp_CV = torch.log_softmax(logits_CV, dim=-1, out=logp_buf[:n])
+            # One softmax pass (cheaper than log_softmax, then exp); the log-sum-exp from the largest logit and its
+            # probability, which is at least 1/V, so its log is exact to rounding.
+            probs_CV = torch.softmax(logits_CV, dim=-1, out=probs_buf[:n])
+            lse_C = logits_CV.amax(-1) - probs_CV.amax(-1).log()
             target_C1 = safe_targets_N[rows, None]
-            loss = loss - (logp_CV.gather(1, target_C1).squeeze(1) * scale_N[rows]).sum()
+            loss = loss - ((logits_CV.gather(1, target_C1).squeeze(1) - lse_C) * scale_N[rows]).sum()
             if need_dh or need_dw:
                 # d loss / d logits = scale * (softmax - onehot); the scale is folded into the [C, D] operands.
-                probs_CV = logp_CV.exp_().scatter_add_(1, target_C1, torch.full_like(logp_CV[:, :1], -1.0))
+                probs_CV = probs_CV.scatter_add_(1, target_C1, torch.full_like(probs_CV[:, :1], -1.0))
                 probs_CV = probs_CV.to(compute_dtype)
                 scale_C1 = scale_N[rows, None].to(compute_dtype)
                 if need_dh:

@@ -368,6 +368,21 @@ def test_linear_cross_entropy_matches_logits_path(dtype, chunk_rows):
         torch.testing.assert_close(linear_cross_entropy(h, w, labels, chunk_rows), ref.detach(), **tol)
 
 
+@pytest.mark.parametrize("spread", [1e2, 1e4])
+def test_linear_cross_entropy_keeps_extreme_logits_finite(spread):
+    """Logits so spread that most probabilities underflow to 0 in fp32 (the log-sum-exp comes from the largest
+    logit's probability): the loss and its gradients still match fp32 `F.cross_entropy` on the logits."""
+    h, w = torch.randn(2, 6, 16) * spread, torch.randn(50, 16)
+    labels = torch.randint(0, 50, (2, 6))
+    one = torch.tensor(1.0)
+    loss, (dh, dw), _ = _grads(lambda a, b: linear_cross_entropy(a, b, labels, 4), h, w, dy=one)
+    ref, (dh_ref, dw_ref), _ = _grads(lambda a, b: causal_lm_cross_entropy(a @ b.t(), labels), h, w, dy=one)
+    assert torch.isfinite(loss) and loss > 1.0
+    torch.testing.assert_close(loss, ref, rtol=1e-5, atol=1e-5 * spread)
+    torch.testing.assert_close(dh, dh_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(dw, dw_ref, rtol=1e-5, atol=1e-5 * spread)
+
+
 def test_skip_logits_gives_the_same_loss_and_gradients(tiny_config):
     model = JetMoeForCausalLM(tiny_config).train()
     ids = torch.randint(0, 128, (2, 12))
