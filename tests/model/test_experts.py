@@ -10,6 +10,7 @@ from jetmoe.model.experts import (
     LOOP_ROWS, ParallelExperts, TopKRouter, expert_linear, gathered_products, grouped_mm_supported,
     resolve_expert_impl,
 )
+from jetmoe.model.ops import few_rows_padded
 
 
 def _routed_rows(num_experts=4, top_k=2, tokens=37, dim=16):
@@ -35,11 +36,33 @@ def test_grouped_linear_equals_loop(dtype, tokens, few_rows_faster, monkeypatch)
         outs[impl] = y
         grads[impl] = torch.autograd.grad(y, (x, w), dy)
     few = few_rows_faster and dtype == torch.float32 and x.shape[0] <= LOOP_ROWS
-    assert calls == (routing.counts_E.tolist() if few else [])
+    assert calls == (few_rows_padded(routing.counts_E).tolist() if few else [])  # odd counts below 4: one more
     tol = dict(atol=1e-6, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(outs["grouped"], outs["loop"], **tol)
     for g, r in zip(grads["grouped"], grads["loop"]):
         torch.testing.assert_close(g, r, **tol)
+
+
+def test_few_rows_padded_makes_odd_counts_below_four_even():
+    assert [few_rows_padded(rows) for rows in range(8)] == [0, 2, 2, 4, 4, 5, 6, 7]
+    assert few_rows_padded(torch.arange(8)).tolist() == [0, 2, 2, 4, 4, 5, 6, 7]
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", pytest.param("inductor", marks=pytest.mark.slow)])
+def test_compiled_few_row_loop_equals_f_linear(backend, monkeypatch):
+    """Compiled (row counts read as host scalars, unbacked while tracing), the loop's few-row products on padded
+    counts give each expert's rows times its weight, for empty, odd and even counts and a spare row at the end."""
+    monkeypatch.setattr(experts_mod, "few_rows_form_faster", lambda rows, out, in_: True)
+    torch._dynamo.reset()
+    compiled = torch.compile(expert_linear, backend=backend, fullgraph=True, dynamic=False)
+    x, w = torch.randn(13, 16), torch.randn(6, 24, 16)
+    for counts in ([0, 1, 3, 2, 6, 1], [5, 0, 4, 0, 1, 3], [13, 0, 0, 0, 0, 0]):
+        counts_E = torch.tensor(counts)
+        expected = torch.cat([chunk @ w[e].T for e, chunk in enumerate(x.split(counts))])
+        with torch.no_grad():
+            y = compiled(x, w, counts_E, counts_E.cumsum(0).int(), "loop")
+        torch.testing.assert_close(y, expected)
+    torch._dynamo.reset()
 
 
 def test_empty_experts_are_fine():

@@ -246,10 +246,10 @@ def test_compiled_cpu_inference_routes_with_argmax_top_k(monkeypatch):
 
 
 @pytest.mark.parametrize("few_rows_faster", [True, False])  # what this CPU's timing of the two forms found
-@pytest.mark.parametrize("shape", [(16,), (1, 1, 16), (2, 16), (2, 2, 16), (5, 16), (17, 16)])
+@pytest.mark.parametrize("shape", [(16,), (1, 1, 16), (2, 16), (3, 16), (2, 2, 16), (5, 16), (17, 16)])
 def test_few_rows_linear_equals_f_linear(shape, few_rows_faster, monkeypatch):
-    """`ops.linear` on at most `FEW_ROWS` fp32 rows takes the transposed product (one row doubled) where it is
-    faster, forward and gradients equal to `F.linear`; more rows, or a CPU where it is slower, take `F.linear`."""
+    """`ops.linear` on at most `FEW_ROWS` fp32 rows takes the transposed product (on 2 rows for 1, 4 for 3) where
+    it is faster, forward and gradients equal to `F.linear`; more rows, or a CPU where it is slower, `F.linear`."""
     calls, few_rows_linear = [], ops.few_rows_linear
     monkeypatch.setattr(ops, "few_rows_linear", lambda x, w: calls.append(x.shape) or few_rows_linear(x, w))
     monkeypatch.setattr(ops, "few_rows_form_faster", lambda rows, out, in_: few_rows_faster)
@@ -261,7 +261,7 @@ def test_few_rows_linear_equals_f_linear(shape, few_rows_faster, monkeypatch):
     torch.testing.assert_close(dx, dx_ref)
     torch.testing.assert_close(dw, dw_ref)
     rows = x.numel() // 16
-    assert calls == ([(max(rows, 2), 16)] if few_rows_faster and rows <= ops.FEW_ROWS else [])
+    assert calls == ([(ops.few_rows_padded(rows), 16)] if few_rows_faster and rows <= ops.FEW_ROWS else [])
 
 
 def test_few_rows_choice_compiles_with_dynamic_row_counts():

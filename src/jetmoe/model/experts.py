@@ -24,8 +24,8 @@ from torch.fx.experimental.symbolic_shapes import guard_or_true
 
 from jetmoe.config import JetMoeConfig
 from jetmoe.model.ops import (
-    argmax_top_k, dispatch_tokens, few_rows_form_faster, few_rows_linear, gather_rows, glu, grouped_mm,
-    grouped_mm_supported, linear, mix,
+    argmax_top_k, dispatch_tokens, few_rows_form_faster, few_rows_linear, few_rows_padded, gather_rows, glu,
+    grouped_mm, grouped_mm_supported, linear, mix,
 )
 
 __all__ = [
@@ -82,9 +82,20 @@ def expert_linear(
     few = x_MI.device.type == "cpu" and x_MI.dtype == torch.float32 and guard_or_true(
         x_MI.shape[0] <= LOOP_ROWS
     ) and few_rows_form_faster(LOOP_EXPERT_ROWS, *w_EOI.shape[1:])
-    product = few_rows_linear if few else F.linear
-    chunks = x_MI.split(counts_E.tolist())
-    return torch.cat([product(chunk_I, w_EOI[e]) for e, chunk_I in enumerate(chunks)])
+    if not few:
+        return torch.cat([F.linear(chunk_I, w_EOI[e]) for e, chunk_I in enumerate(x_MI.split(counts_E.tolist()))])
+    # The few-row form on `few_rows_padded` rows an expert: the rows move to a layout of M + E rows where expert e
+    # owns `padded_E[e]` (spare rows zero, the last chunk the spare rows left over), and their products move back.
+    M, E = x_MI.shape[0], w_EOI.shape[0]
+    padded_E = few_rows_padded(counts_E)
+    spare_E = padded_E - counts_E
+    rows_M = torch.arange(M, device=x_MI.device)
+    to_padded_M = rows_M + (spare_E.cumsum(0) - spare_E)[torch.bucketize(rows_M, offsets_E, right=True)]
+    sizes = torch.cat([padded_E, M + E - padded_E.sum(0, keepdim=True)]).tolist()  # host scalars, as above
+    chunks = x_MI.new_zeros(M + E, x_MI.shape[1]).index_copy(0, to_padded_M, x_MI).split(sizes)
+    y_PO = torch.cat([few_rows_linear(chunks[e], w_EOI[e]) for e in range(E)]
+                     + [x_MI.new_zeros(sizes[E], w_EOI.shape[1])])
+    return y_PO[to_padded_M]
 
 
 # Compiled decoding of at most this many routed rows (tokens · k) skips the sort and the grouped GEMM: each row
