@@ -20,9 +20,9 @@ What is measured (ours = `jetmoe`, theirs = transformers with SDPA attention):
   included; ours with the dynamic cache (eager) and with the static cache + compiled step.
 - the decode bound: the plain chain of matrix products one decode step needs (per layer the KV projection, the
   routers, and the query/output and MLP weights of every expert the step's tokens chose; the LM head), run for as
-  many steps in three BLAS forms: `F.linear`; `(w @ x^T)^T` for at most 16 rows; and `ops.linear`, which takes the
-  second for a row count and weight shape where this CPU's BLAS runs it faster (`ops.few_rows_form_faster`,
-  timed); interleaved with the decode runs (one round per contender at least, the order rotating: a large L3 holds
+  many steps in three BLAS forms: `F.linear`; `(w @ x^T)^T` for at most 16 rows (1 or 3 rows padded to 2 or 4,
+  `ops.few_rows_padded`, as ours does); and `ops.linear`, which takes the second for a row count and weight shape
+  where this CPU's BLAS runs it faster (`ops.few_rows_form_faster`, timed); interleaved with the decode runs (one round per contender at least, the order rotating: a large L3 holds
   a model's weights, so what ran just before matters). Decode tokens/s (prompt included) are reported as a share
   of the fastest chain's tokens/s (the target), and of a bound that also counts the prompt's products (the
   prefill: every prompt token through the layers, touching most experts; then n - 1 steps' chains). Ours' eager
@@ -102,7 +102,7 @@ def scaling_config(preset: str, experts: int) -> JetMoeConfig:
 
 
 def few_rows_form(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`(w @ x^T)^T` for at most `FEW_ROWS` rows, else `F.linear`."""
+    """`(w @ x^T)^T` (on `ops.few_rows_padded` rows) for at most `FEW_ROWS` rows, else `F.linear`."""
     return ops.few_rows_product(x, w) if len(x) <= ops.FEW_ROWS else F.linear(x, w)
 
 
