@@ -22,11 +22,12 @@ What is measured (ours = `jetmoe`, theirs = transformers with SDPA attention):
   routers, and the query/output and MLP weights of every expert the step's tokens chose; the LM head), run for as
   many steps in three BLAS forms: `F.linear`; `(w @ x^T)^T` for at most 16 rows (1 or 3 rows padded to 2 or 4,
   `ops.few_rows_padded`, as ours does); and `ops.linear`, which takes the second for a row count and weight shape
-  where this CPU's BLAS runs it faster (`ops.few_rows_form_faster`, timed); interleaved with the decode runs (one round per contender at least, the order rotating: a large L3 holds
-  a model's weights, so what ran just before matters). Decode tokens/s (prompt included) are reported as a share
-  of the fastest chain's tokens/s (the target), and of a bound that also counts the prompt's products (the
-  prefill: every prompt token through the layers, touching most experts; then n - 1 steps' chains). Ours' eager
-  prefill is timed alone too, to split ours' time into the prompt and the decode steps.
+  where this CPU's BLAS runs it faster (`ops.few_rows_form_faster`, timed); interleaved with the decode runs (one
+  round per contender at least, the order rotating: a large L3 holds a model's weights, so what ran just before
+  matters). Decode tokens/s (prompt included) are reported as a share of the fastest chain's tokens/s (the
+  target), and of a bound that also counts the prompt's products (the prefill: every prompt token through the
+  layers, touching most experts; then n - 1 steps' chains). Ours' eager prefill is timed alone too, to split
+  ours' time into the prompt and the decode steps.
 - peak memory of a training step: peak RSS minus RSS just before the step, in a fresh subprocess per
   measurement (after one warm-up step; glibc told to return freed blocks >= 64 KiB, so RSS follows live memory);
   and the saving of gradient checkpointing (ours; transformers' JetMoe does not support it).

@@ -84,8 +84,8 @@ def expert_linear(
     ) and few_rows_form_faster(LOOP_EXPERT_ROWS, *w_EOI.shape[1:])
     if not few:
         return torch.cat([F.linear(chunk_I, w_EOI[e]) for e, chunk_I in enumerate(x_MI.split(counts_E.tolist()))])
-    # The few-row form on `few_rows_padded` rows an expert: the rows move to a layout of M + E rows where expert e
-    # owns `padded_E[e]` (spare rows zero, the last chunk the spare rows left over), and their products move back.
+    # The few-row form on `few_rows_padded(count)` rows for each expert: the rows move to a layout of M + E rows
+    # where expert e owns `padded_E[e]` (spare rows zero, the last chunk the spare rows left over), and back.
     M, E = x_MI.shape[0], w_EOI.shape[0]
     padded_E = few_rows_padded(counts_E)
     spare_E = padded_E - counts_E
