@@ -1,0 +1,24 @@
+"""Errors a user can fix by changing their input: a config key, a command-line flag, a file.
+
+The `jetmoe` command prints these as one line (`jetmoe: error: ...`) and exits with status 2. Anything else
+that escapes a command is a bug and keeps its traceback (exit status 1). Every class here is also a `ValueError`
+(or `FileNotFoundError`), so library callers that catch the built-in types keep working.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """Bad input. `str(err)` is one line that names the key, flag or file and says what is expected."""
+
+
+class ConfigError(UserError):
+    """An experiment, model or data configuration value that is wrong or inconsistent."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or directory the user named (or a run directory should hold) does not exist."""
+
+
+class InputFileError(UserError):
+    """A file that exists but cannot be used: empty, not UTF-8, truncated, corrupted, of the wrong kind."""
