@@ -26,6 +26,7 @@ from jetmoe.analysis import (
     type_preference,
 )
 from jetmoe.data.tokenizer import SpecialTokens, train_tokenizer
+from model_helpers import routes
 
 CODE = '''import os
 
@@ -88,7 +89,7 @@ def synthetic_trace(types: list[str], experts: list[int], num_experts: int = 3) 
     """One layer whose MoA and MoE routers send token i to ``experts[i]`` (top-1)."""
     logits = torch.full((len(experts), num_experts), -5.0)
     logits[torch.arange(len(experts)), torch.tensor(experts)] = 5.0
-    return RoutingTrace("", list(range(len(types))), [(0, 0)] * len(types), [logits, logits.clone()], top_k=1)
+    return RoutingTrace("", list(range(len(types))), [(0, 0)] * len(types), list(routes([logits, logits.clone()], 1)))
 
 
 def test_type_preference_and_information():
@@ -107,9 +108,11 @@ def test_trace_routing_in_windows_matches_one_pass(model, tokenizer):
     whole = trace_routing(model, tokenizer, CODE, window=256)
     windows = trace_routing(model, tokenizer, CODE, window=16)
     n = len(tokenizer.encode(CODE).ids)
-    assert len(whole.token_ids) == n and len(whole.router_logits) == 2 * model.config.num_hidden_layers
-    assert whole.router_logits[0].shape == (n, model.config.num_local_experts)
-    torch.testing.assert_close(windows.router_logits[0][:16], whole.router_logits[0][:16])  # first window: same context
+    assert len(whole.token_ids) == n and len(whole.routings) == 2 * model.config.num_hidden_layers
+    assert whole.routings[0].logits_NE.shape == (n, model.config.num_local_experts)
+    first = whole.routings[0].logits_NE[:16]
+    torch.testing.assert_close(windows.routings[0].logits_NE[:16], first)  # first window: same context
+    assert torch.equal(whole.experts("moa", 0), whole.routings[0].experts_Nk)
     stats = routing_stats(whole)
     np.testing.assert_allclose(load_matrix(stats, "moa").sum(1), 1.0, rtol=1e-5)
     rows = router_table(stats)

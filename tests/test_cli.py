@@ -79,12 +79,12 @@ def test_tensorboard_has_the_training_curves(tiny_run):
 
 def test_hf_export_loads_in_transformers(tiny_run):
     transformers = pytest.importorskip("transformers")
-    from jetmoe import JetMoeForCausalLM
+    from jetmoe import load_pretrained
 
     hf_dir = tiny_run[0] / "hf"
     hf, info = transformers.JetMoeForCausalLM.from_pretrained(hf_dir, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
-    ours = JetMoeForCausalLM.from_pretrained(hf_dir).eval()
+    ours = load_pretrained(hf_dir).eval()
     ids = torch.randint(3, ours.config.vocab_size, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(hf.eval()(ids).logits, ours(ids).logits, atol=1e-4, rtol=1e-4)
@@ -182,7 +182,7 @@ ERRORS = [
     ("list.yaml", [], "list.yaml: expected a mapping of config keys, got a list"),
     ("missing.yaml", [], "config file not found"),
     (None, ["model.hidden_size=wide"], "command line: 'model.hidden_size' expects int, got 'wide'"),
-    (None, ["model.num_experts_per_tok=5"], "model.num_experts_per_tok (5) must be <= model.num_local_experts (4)"),
+    (None, ["model.num_experts_per_tok=5"], "model.num_experts_per_tok (5) must be <= num_local_experts (4)"),
     (None, ["data.seq_len=300"], "data.seq_len (300) must be <= model.max_position_embeddings (256)"),
     (None, [*FILE_DATA, "data.data_files=[{tmp}/nope.txt]"], "nope.txt"),
     (None, [*FILE_DATA, "data.data_files=[{tmp}/empty.txt]"], "empty.txt: file is empty"),

@@ -6,14 +6,17 @@ import pytest
 import torch
 
 from hf_reference import hf_twin
-from jetmoe import JetMoeConfig, JetMoeForCausalLM, JetMoeForSequenceClassification, JetMoeModel
+from jetmoe import (
+    JetMoeConfig, JetMoeForCausalLM, JetMoeForSequenceClassification, JetMoeModel, load_pretrained, save_pretrained,
+)
+from jetmoe.errors import UserError
 
 transformers = pytest.importorskip("transformers")
 
 
 def test_our_checkpoint_loads_in_transformers(tiny_config, tmp_path):
     model = JetMoeForCausalLM(tiny_config).eval()
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors"}
     hf, info = transformers.JetMoeForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
@@ -25,7 +28,7 @@ def test_our_checkpoint_loads_in_transformers(tiny_config, tmp_path):
 def test_transformers_checkpoint_loads_here(tiny_config, tmp_path):
     hf = hf_twin(JetMoeForCausalLM(tiny_config))
     hf.save_pretrained(tmp_path)
-    model = JetMoeForCausalLM.from_pretrained(tmp_path).eval()
+    model = load_pretrained(tmp_path).eval()
     assert model.config.hidden_size == tiny_config.hidden_size
     assert model.lm_head.weight is model.model.embed_tokens.weight
     ids = torch.randint(0, 128, (2, 9))
@@ -35,31 +38,31 @@ def test_transformers_checkpoint_loads_here(tiny_config, tmp_path):
 
 def test_untied_head_and_base_model_round_trip(tiny_config, tmp_path):
     model = JetMoeForCausalLM(tiny_config.replace(tie_word_embeddings=False))
-    model.save_pretrained(tmp_path / "lm")
-    again = JetMoeForCausalLM.from_pretrained(tmp_path / "lm")
+    save_pretrained(model, tmp_path / "lm")
+    again = load_pretrained(tmp_path / "lm")
     assert torch.equal(again.lm_head.weight, model.lm_head.weight)
     assert again.lm_head.weight is not again.model.embed_tokens.weight
-    base = JetMoeModel.from_pretrained(tmp_path / "lm")  # task checkpoint -> base model: `model.` prefix dropped
+    base = load_pretrained(tmp_path / "lm", JetMoeModel)  # task checkpoint -> base model: `model.` prefix dropped
     assert torch.equal(base.embed_tokens.weight, model.model.embed_tokens.weight)
 
 
 def test_sequence_classifier_round_trip_with_transformers(tiny_config, tmp_path):
     model = JetMoeForSequenceClassification(tiny_config.replace(num_labels=3))
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     hf = transformers.JetMoeForSequenceClassification.from_pretrained(tmp_path)
     assert hf.config.num_labels == 3
     hf.save_pretrained(tmp_path / "back")
-    again = JetMoeForSequenceClassification.from_pretrained(tmp_path / "back")
+    again = load_pretrained(tmp_path / "back", JetMoeForSequenceClassification)
     assert torch.equal(again.score.weight, model.score.weight)
 
 
 def test_mismatched_checkpoint_lists_the_problems(tiny_config, tmp_path):
-    JetMoeForCausalLM(tiny_config.replace(hidden_size=32)).save_pretrained(tmp_path)
+    save_pretrained(JetMoeForCausalLM(tiny_config.replace(hidden_size=32)), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     config["hidden_size"] = 64
     (tmp_path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(ValueError, match="shape mismatch.*model.embed_tokens.weight"):
-        JetMoeForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(UserError, match="shape mismatch.*model.embed_tokens.weight"):
+        load_pretrained(tmp_path)
 
 
 @pytest.mark.parametrize(
@@ -73,30 +76,30 @@ def test_mismatched_checkpoint_lists_the_problems(tiny_config, tmp_path):
     ],
 )
 def test_broken_checkpoints_fail_with_the_file_named(tiny_config, tmp_path, corrupt, message):
-    JetMoeForCausalLM(tiny_config).save_pretrained(tmp_path)
+    save_pretrained(JetMoeForCausalLM(tiny_config), tmp_path)
     corrupt(tmp_path)
-    with pytest.raises((ValueError, FileNotFoundError), match=message):
-        JetMoeForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(UserError, match=message):
+        load_pretrained(tmp_path)
 
 
 def test_legacy_bin_is_loaded_without_unpickling_code(tiny_config, tmp_path):
     model = JetMoeForCausalLM(tiny_config)
-    model.save_pretrained(tmp_path)
+    save_pretrained(model, tmp_path)
     (tmp_path / "model.safetensors").unlink()
     torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")
-    assert torch.equal(JetMoeForCausalLM.from_pretrained(tmp_path).lm_head.weight, model.lm_head.weight)
+    assert torch.equal(load_pretrained(tmp_path).lm_head.weight, model.lm_head.weight)
 
     class Evil:
         def __reduce__(self):
             return (print, ("executed",))
 
     torch.save({"x": Evil()}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(ValueError, match="pytorch_model.bin"):
-        JetMoeForCausalLM.from_pretrained(tmp_path)
+    with pytest.raises(UserError, match="pytorch_model.bin"):
+        load_pretrained(tmp_path)
 
 
 def test_config_json_fields(tiny_config, tmp_path):
-    JetMoeForCausalLM(tiny_config).save_pretrained(tmp_path)
+    save_pretrained(JetMoeForCausalLM(tiny_config), tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "jetmoe" and config["architectures"] == ["JetMoeForCausalLM"]
     assert JetMoeConfig.from_dict(config) == tiny_config

@@ -1,9 +1,25 @@
+"""The pure loss functions: cross-entropy, load balancing (transformers' definition and the paper's per-router
+one) and the router z-loss."""
+
 import math
 
 import pytest
 import torch
 
-from jetmoe.losses import causal_lm_cross_entropy, load_balancing_loss, router_z_loss
+from jetmoe.losses import causal_lm_cross_entropy, load_balancing_loss, load_balancing_per_router, router_z_loss
+from jetmoe.model.model import router_losses
+from jetmoe.model.routing import Routing
+
+
+def _routings(logits_list, top_k):
+    return tuple(Routing(logits, *reversed(logits.topk(top_k, -1))) for logits in logits_list)
+
+
+def _shares(logits_list, top_k, weight=None):
+    """(tokens_RE, probs_RE) as the model computes them: `Routing.expert_sums` over the tokens of weight 1."""
+    sums = [r.expert_sums(weight) for r in _routings(logits_list, top_k)]
+    tokens = logits_list[0].shape[0] if weight is None else weight.sum()
+    return torch.stack([s[0] for s in sums]) / tokens, torch.stack([s[1] for s in sums]) / tokens
 
 
 def test_cross_entropy_shifts_and_ignores():
@@ -19,46 +35,42 @@ def test_cross_entropy_shifts_and_ignores():
 def test_cross_entropy_is_fp32_for_bf16_logits():
     logits = torch.randn(1, 4, 11)
     labels = torch.randint(0, 11, (1, 4))
-    loss = causal_lm_cross_entropy(logits.bfloat16(), labels)
-    assert loss.dtype == torch.float32
+    assert causal_lm_cross_entropy(logits.bfloat16(), labels).dtype == torch.float32
 
 
-def test_uniform_routing_gives_k():
-    logits = [torch.zeros(16, 4) + torch.arange(16)[:, None].eq(torch.arange(4)).float() * 0 for _ in range(3)]
-    # Equal logits: probabilities 1/E each; top-k ties pick fixed experts, so use a balanced assignment instead.
-    balanced = torch.eye(4).repeat(4, 1) * 1e-3  # each expert first choice for 4 of 16 tokens
-    assert math.isclose(load_balancing_loss([balanced] * 3, top_k=1).item(), 1.0, rel_tol=1e-3)
-    assert logits[0].shape == (16, 4)
-
-
-def test_collapsed_routing_is_penalised():
-    collapsed = torch.tensor([[10.0, 0, 0, 0]]).repeat(32, 1)
-    balanced = torch.eye(4).repeat(8, 1) * 10
-    assert load_balancing_loss([collapsed], top_k=1) > 3.5  # ~E when everything goes to one expert
-    assert load_balancing_loss([balanced], top_k=1) < 1.01
-
-
-def test_mask_excludes_padding():
-    logits = torch.randn(6, 4)
-    mask = torch.tensor([1, 1, 1, 0, 0, 0])
-    torch.testing.assert_close(load_balancing_loss([logits], 2, mask), load_balancing_loss([logits[:3]], 2))
-    torch.testing.assert_close(router_z_loss([logits], mask), router_z_loss([logits[:3]]))
-
-
-def test_z_loss_value():
-    logits = torch.randn(5, 3)
-    torch.testing.assert_close(router_z_loss([logits]), torch.logsumexp(logits, -1).square().mean())
+def test_balanced_routing_gives_k_and_collapsed_routing_e():
+    balanced = torch.eye(4).repeat(4, 1) * 10  # each expert first choice of 4 of 16 tokens
+    collapsed = torch.tensor([[10.0, 0, 0, 0]]).repeat(16, 1)
+    assert math.isclose(load_balancing_loss(*_shares([balanced] * 3, 1)).item(), 1.0, rel_tol=1e-3)
+    assert load_balancing_loss(*_shares([collapsed], 1)) > 3.9  # ~E when everything goes to one expert
+    tokens, probs = torch.full((1, 4), 2 / 4), torch.full((1, 4), 1 / 4)  # top-2, perfectly spread
+    assert math.isclose(load_balancing_loss(tokens, probs).item(), 2.0)
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
 def test_matches_transformers_function(top_k):
-    mixtral = pytest.importorskip("transformers.models.jetmoe.modeling_jetmoe")
+    jetmoe_hf = pytest.importorskip("transformers.models.jetmoe.modeling_jetmoe")
     logits = tuple(torch.randn(20, 6) for _ in range(4))
     mask = torch.randint(0, 2, (4, 5))
     for m in (None, mask):
-        ours = load_balancing_loss(logits, top_k, m)
-        theirs = mixtral.load_balancing_loss_func(logits, 6, top_k, m)
+        weight = None if m is None else m.flatten().float()
+        ours = load_balancing_loss(*_shares(logits, top_k, weight))
+        theirs = jetmoe_hf.load_balancing_loss_func(logits, 6, top_k, m)
         torch.testing.assert_close(ours, theirs, atol=1e-6, rtol=1e-6)
+        torch.testing.assert_close(router_losses(_routings(logits, top_k), weight, per_router=False)[0], theirs)
+
+
+def test_padding_is_left_out():
+    logits = torch.randn(6, 4)
+    weight = torch.tensor([1.0, 1, 1, 0, 0, 0])
+    torch.testing.assert_close(load_balancing_loss(*_shares([logits], 2, weight)),
+                               load_balancing_loss(*_shares([logits[:3]], 2)))
+    torch.testing.assert_close(router_z_loss(logits[None], weight), router_z_loss(logits[None, :3]))
+
+
+def test_z_loss_value():
+    logits = torch.randn(2, 5, 3)
+    torch.testing.assert_close(router_z_loss(logits), torch.logsumexp(logits, -1).square().mean())
 
 
 def test_per_router_balance_sees_offsetting_imbalance():
@@ -66,11 +78,12 @@ def test_per_router_balance_sees_offsetting_imbalance():
     # half balanced; per router (the JetMoE paper) each is fully collapsed.
     to_0 = torch.tensor([[10.0, 0.0]]).repeat(8, 1)
     to_1 = torch.tensor([[0.0, 10.0]]).repeat(8, 1)
-    assert load_balancing_loss([to_0, to_1], top_k=1) < 1.01
-    assert load_balancing_loss([to_0, to_1], top_k=1, per_router=True) > 1.99  # ~E
-    # One router: the two definitions agree; per router is the mean of each router's own loss.
-    logits = [torch.randn(12, 4) for _ in range(3)]
-    mask = torch.tensor([1] * 9 + [0] * 3)
-    torch.testing.assert_close(load_balancing_loss(logits[:1], 2, mask), load_balancing_loss(logits[:1], 2, mask, True))
-    mean_of_each = torch.stack([load_balancing_loss([each], 2, mask) for each in logits]).mean()
-    torch.testing.assert_close(load_balancing_loss(logits, 2, mask, per_router=True), mean_of_each)
+    shares = _shares([to_0, to_1], 1)
+    assert load_balancing_loss(*shares) < 1.01
+    assert load_balancing_loss(*shares, per_router=True) > 1.99  # ~E
+    # Per router is the mean of each router's own loss; with one router the two definitions agree.
+    tokens, probs = _shares([torch.randn(12, 4) for _ in range(3)], 2)
+    each = load_balancing_per_router(tokens, probs)
+    assert each.shape == (3,)
+    torch.testing.assert_close(load_balancing_loss(tokens, probs, per_router=True), each.mean())
+    torch.testing.assert_close(load_balancing_loss(tokens[:1], probs[:1]), each[0])

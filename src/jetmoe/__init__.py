@@ -1,6 +1,7 @@
-"""JetMoE: Mixture of Attention heads + Mixture of MLP experts, HF-compatible, trained with Lightning."""
+"""JetMoE: Mixture of Attention heads + Mixture of MLP experts, transformers-compatible, trained with Lightning."""
 
 from jetmoe.config import JetMoeConfig
+from jetmoe.hf_io import load_pretrained, save_pretrained
 from jetmoe.model import (
     DynamicKVCache,
     JetMoeForCausalLM,
@@ -11,10 +12,12 @@ from jetmoe.model import (
 
 __version__ = "0.1.0"
 __all__ = [
+    "DynamicKVCache",
     "JetMoeConfig",
-    "JetMoeModel",
     "JetMoeForCausalLM",
     "JetMoeForSequenceClassification",
-    "DynamicKVCache",
+    "JetMoeModel",
     "StaticKVCache",
+    "load_pretrained",
+    "save_pretrained",
 ]

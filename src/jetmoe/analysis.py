@@ -1,8 +1,7 @@
 """Notebook helpers: where a trained JetMoE routes tokens, how that changed during training, and what a
 sweep's results say.
 
-Routing of a text is read from the model's own router logits (``output_router_logits=True``) and
-summarised with the training report's statistics (:mod:`jetmoe.training.expert_metrics`), so a
+Routing of a text is read from the model's own routings (``out.routings``) and summarised with the training report's statistics (:mod:`jetmoe.training.expert_metrics`), so a
 notebook and ``jetmoe report`` agree on what "load", "imbalance" and "entropy" mean. Code tokens are
 typed with Python's ``tokenize``: a BPE token takes the type of its first non-blank character.
 
@@ -23,13 +22,16 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
-from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
 import jetmoe
 from jetmoe import JetMoeForCausalLM
+from jetmoe.errors import UserError
+from jetmoe.model import Routing
 from jetmoe.training.expert_metrics import ROUTER_KINDS, RouterUtilization, router_names
+from jetmoe.training.reliability import read_checkpoint
 
+ROUTING_FIELDS = ("logits_NE", "experts_Nk", "gates_Nk")  # what `Routing` is built from
 ROUTER_TABLE_KEYS = ("entropy_norm", "imbalance", "dead_fraction", "top1_top2_ratio")
 TOKEN_TYPES = ("identifier", "keyword", "number", "string", "comment", "punctuation", "whitespace", "other")
 _TOKENIZE_TYPES = {
@@ -73,9 +75,9 @@ def train_tiny_run(output_dir: str | Path, steps: int = 60, max_chars: int = 300
 def validation_text(run_dir: str | Path, max_chars: int = 20_000) -> str:
     """The run's held-out documents (same corpus, split and seed as its training), joined, capped at ``max_chars``."""
     from jetmoe.data.sources import load_documents
-    from jetmoe.training.config import from_dict
+    from jetmoe.training.config import load_run_config
 
-    cfg = from_dict(OmegaConf.to_container(OmegaConf.load(Path(run_dir) / "config.yaml")), source=str(run_dir))
+    cfg = load_run_config(run_dir)
     _, val_docs = load_documents(cfg.data, cfg.run.seed)
     return "\n".join(val_docs)[:max_chars]
 
@@ -85,7 +87,7 @@ def load_checkpoints(run_dir: str | Path, model: JetMoeForCausalLM) -> dict[str,
     e.g. the best and the last), oldest first; each a copy of ``model``'s config with that checkpoint's weights."""
     by_step = {}
     for path in sorted((Path(run_dir) / "checkpoints").glob("*.ckpt")):
-        checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+        checkpoint = read_checkpoint(path)
         by_step.setdefault(checkpoint["global_step"], checkpoint["state_dict"])
     models = {}
     for step, state in sorted(by_step.items()):
@@ -108,29 +110,32 @@ def fresh_model(model: JetMoeForCausalLM, seed: int = 0) -> JetMoeForCausalLM:
 
 @dataclass
 class RoutingTrace:
-    """Router logits of every token of a text: ``router_logits[r]`` is ``[N, E]`` for router r
-    (order: layer 0 MoA, layer 0 MoE, layer 1 MoA, ...)."""
+    """The routing of every token of a text: ``routings[r]`` for router r (order: layer 0 MoA, layer 0 MoE, layer 1
+    MoA, ...), each over all N tokens."""
 
     text: str
     token_ids: list[int]
     offsets: list[tuple[int, int]]  # character span of each token in ``text``
-    router_logits: list[torch.Tensor]
-    top_k: int
+    routings: list[Routing]
 
     @property
     def num_layers(self) -> int:
-        return len(self.router_logits) // 2
+        return len(self.routings) // 2
 
     @property
     def num_experts(self) -> int:
-        return self.router_logits[0].shape[-1]
+        return self.routings[0].num_experts
 
-    def logits(self, kind: str, layer: int) -> torch.Tensor:
-        return self.router_logits[2 * layer + ROUTER_KINDS.index(kind)]
+    @property
+    def top_k(self) -> int:
+        return self.routings[0].top_k
+
+    def routing(self, kind: str, layer: int) -> Routing:
+        return self.routings[2 * layer + ROUTER_KINDS.index(kind)]
 
     def experts(self, kind: str, layer: int) -> torch.Tensor:
         """``[N, k]`` experts each token is sent to."""
-        return self.logits(kind, layer).topk(self.top_k, dim=-1).indices
+        return self.routing(kind, layer).experts_Nk
 
 
 @torch.no_grad()
@@ -140,21 +145,24 @@ def trace_routing(model: JetMoeForCausalLM, tokenizer: Tokenizer, text: str, win
     encoding = tokenizer.encode(text, add_special_tokens=False)
     ids, offsets = encoding.ids[:max_tokens], encoding.offsets[:max_tokens]
     if not ids:
-        raise ValueError("trace_routing: the text has no tokens")
+        raise UserError("trace_routing: the text has no tokens")
     window = min(window, model.config.max_position_embeddings)
     model.eval()
     per_window = [
-        model(torch.tensor([ids[start : start + window]]), output_router_logits=True, use_cache=False).router_logits
+        model(torch.tensor([ids[start : start + window]]), use_cache=False).routings
         for start in range(0, len(ids), window)
     ]
-    logits = [torch.cat([chunk[r] for chunk in per_window]) for r in range(len(per_window[0]))]
-    return RoutingTrace(text, ids, list(offsets), logits, model.config.num_experts_per_tok)
+    routings = [
+        Routing(*(torch.cat([getattr(chunk[r], name) for chunk in per_window]) for name in ROUTING_FIELDS))
+        for r in range(len(per_window[0]))
+    ]
+    return RoutingTrace(text, ids, list(offsets), routings)
 
 
 def routing_stats(trace: RoutingTrace, dead_threshold: float = 0.1) -> dict[str, torch.Tensor]:
     """The training report's statistics of the trace: ``load`` ``[R, E]``, ``entropy_norm`` ``[R]``, ... ."""
-    metric = RouterUtilization(len(trace.router_logits), trace.num_experts, trace.top_k, dead_threshold)
-    metric.update(trace.router_logits)
+    metric = RouterUtilization(len(trace.routings), trace.num_experts, trace.top_k, dead_threshold)
+    metric.update(trace.routings)
     return metric.compute()
 
 

@@ -1,8 +1,9 @@
-"""The ``jetmoe`` command: train, generate, eval, report.
+"""The ``jetmoe`` command: train, generate, eval, report, sweep, plan, consolidate.
 
-The only module that reads argv, prints and sets exit codes. User errors (bad config or arguments,
-missing or unreadable files, an unwritable run directory) print ``jetmoe: error: <message>`` on
-stderr and exit with status 2, without a traceback.
+The only module that reads argv, prints and sets exit codes. Bad input (a config key, a flag, a file: every
+`jetmoe.errors.UserError`) prints ``jetmoe: error: <one line>`` on stderr and exits with status 2, without a
+traceback; a run that failed through no fault of its input (`RunFailure`: its loss diverged, the disk filled up)
+prints one line and exits with status 1; anything else is a bug and keeps its traceback.
 
     jetmoe train experiments/default.yaml [key=value ...] [group=name ...] [--resume]
     jetmoe generate runs/default --prompt "def " [--max-new-tokens 200 --temperature 0.8 --top-k 50 --greedy]
@@ -18,23 +19,27 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Sequence
+
+from jetmoe.errors import RunFailure, UserError
 
 USAGE_ERROR, RUN_FAILED = 2, 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    _configure_logging()
     try:
+        args = _parser().parse_args(argv)
+        _configure_logging()
         args.command(args)
     except _user_errors() as err:
         _print_error(err)
         return USAGE_ERROR
-    except _run_failures() as err:
+    except RunFailure as err:
         _print_error(err)
         return RUN_FAILED
     return 0
@@ -45,11 +50,11 @@ def _print_error(err: BaseException) -> None:
     print(f"jetmoe: error: {message}", file=sys.stderr)
 
 
-def _run_failures() -> tuple[type[BaseException], ...]:
-    """A run that went wrong through no fault of its input (e.g. its loss diverged to NaN)."""
-    from jetmoe.training.reliability import NonFiniteError
+def _user_errors() -> tuple[type[BaseException], ...]:
+    """`UserError`, and Lightning's MisconfigurationException (e.g. ``accelerator: gpu`` without a GPU)."""
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
 
-    return (NonFiniteError,)
+    return UserError, MisconfigurationException
 
 
 def _configure_logging() -> None:
@@ -68,16 +73,38 @@ def _configure_logging() -> None:
         warnings.filterwarnings("ignore", message=message)
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """ValueError (incl. ConfigError), OSError (missing / unwritable files) and Lightning's
-    MisconfigurationException (e.g. ``accelerator: gpu`` without a GPU)."""
-    from lightning.fabric.utilities.exceptions import MisconfigurationException
+# ----------------------------------------------------------------------------- arguments
 
-    return ValueError, OSError, MisconfigurationException
+
+class _Parser(argparse.ArgumentParser):
+    """argparse whose errors are `UserError`s: one line naming the argument, exit status 2."""
+
+    def error(self, message: str):
+        raise UserError(f"{self.prog}: {message}")
+
+
+def _number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+            high_open: bool = False) -> Callable[[str], Any]:
+    """An argparse type: a `kind` number within the bounds (open or closed), else a one-line error."""
+    interval = f"{'(' if low_open else '['}{'-inf' if low is None else low}, {'inf' if high is None else high}" \
+               f"{')' if high_open or high is None else ']'}"
+
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if kind is int else 'a number'}, got {text!r}")
+        if not math.isfinite(value) or (low is not None and (value <= low if low_open else value < low)) or (
+            high is not None and (value >= high if high_open else value > high)
+        ):
+            raise argparse.ArgumentTypeError(f"must be in {interval}, got {text}")
+        return value
+
+    return parse
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jetmoe", description="Train and use JetMoE models.")
+    parser = _Parser(prog="jetmoe", description="Train and use JetMoE models.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
     p = commands.add_parser("train", help="train an experiment YAML")
@@ -90,24 +117,27 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("generate", help="generate text from a run or an HF model directory")
     p.add_argument("model_dir", metavar="DIR")
     p.add_argument("--prompt", default="", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int, default=50, help="0 disables")
-    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--max-new-tokens", type=_number(int, 0), default=200)
+    p.add_argument("--temperature", type=_number(float, 0, low_open=True), default=0.8)
+    p.add_argument("--top-k", type=_number(int, 0), default=50, help="0 disables")
+    p.add_argument("--top-p", type=_number(float, 0, 1, low_open=True), default=None, help="in (0, 1]; 1 disables")
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    p.add_argument("--compile", action="store_true",
+                   help="static KV cache and a compiled decode step: faster per token, after a compilation of seconds")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(command=_generate)
 
     p = commands.add_parser("eval", help="loss and perplexity of a model on text files")
     p.add_argument("model_dir", metavar="DIR")
     p.add_argument("files", nargs="+", metavar="FILE", help="text files or globs")
-    p.add_argument("--seq-len", type=int, default=None, help="default: the run's data.seq_len")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=_number(int, 2), default=None, help="default: the run's data.seq_len")
+    p.add_argument("--batch-size", type=_number(int, 1), default=8)
     p.set_defaults(command=_eval)
 
     p = commands.add_parser("report", help="expert-utilization table of a finished run")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(command=_report)
+
     p = commands.add_parser("sweep", help="train every point of a sweep YAML (resumable), then tabulate them")
     p.add_argument("sweep", help="sweep YAML, e.g. experiments/ablate_experts_smoke.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
@@ -117,10 +147,12 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("plan", help="per-device memory and tokens/day of an experiment on a cluster")
     p.add_argument("experiment", help="experiment YAML, e.g. experiments/jetmoe_8b.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
-    p.add_argument("--gpus", type=int, default=8, help="total devices")
-    p.add_argument("--gpu-memory-gb", type=float, default=80.0)
-    p.add_argument("--peak-tflops", type=float, default=989.0, help="bf16 dense peak per device (H100 SXM: 989)")
-    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation")
+    p.add_argument("--gpus", type=_number(int, 1), default=8, help="total devices")
+    p.add_argument("--gpu-memory-gb", type=_number(float, 0, low_open=True), default=80.0)
+    p.add_argument("--peak-tflops", type=_number(float, 0, low_open=True), default=989.0,
+                   help="bf16 dense peak per device (H100 SXM: 989)")
+    p.add_argument("--mfu", type=_number(float, 0, 1, low_open=True), default=0.4,
+                   help="assumed model FLOPs utilisation, in (0, 1]")
     p.set_defaults(command=_plan)
 
     p = commands.add_parser("consolidate", help="one HF-format directory from a run's sharded (FSDP) checkpoint")
@@ -130,6 +162,9 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(command=_consolidate)
 
     return parser
+
+
+# ----------------------------------------------------------------------------- commands
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -172,7 +207,7 @@ def _generate(args: argparse.Namespace) -> None:
 
     print(generate(
         args.model_dir, args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-        top_k=args.top_k or None, top_p=args.top_p, do_sample=not args.greedy, seed=args.seed,
+        top_k=args.top_k or None, top_p=args.top_p, do_sample=not args.greedy, seed=args.seed, compile=args.compile,
     ))
 
 
@@ -208,16 +243,11 @@ def _plan(args: argparse.Namespace) -> None:
 def _consolidate(args: argparse.Namespace) -> None:
     import shutil
 
-    from omegaconf import OmegaConf
-
     from jetmoe.distributed import consolidate
-    from jetmoe.training.config import build_model_config, from_dict
+    from jetmoe.training.config import build_model_config, load_run_config
 
     run_dir = Path(args.run_dir)
-    config_file = run_dir / "config.yaml"
-    if not config_file.is_file():
-        raise FileNotFoundError(f"{config_file}: missing (expected a run directory written by jetmoe train)")
-    cfg = from_dict(OmegaConf.to_container(OmegaConf.load(config_file)), source=str(config_file))
+    cfg = load_run_config(run_dir)
     out = Path(args.out) if args.out else run_dir / "hf"
     consolidate(run_dir / "checkpoints" / args.checkpoint, out, build_model_config(cfg.model))
     tokenizer = run_dir / "hf" / "tokenizer.json"

@@ -7,8 +7,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
+from jetmoe.errors import ConfigError, check_choice
+
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
+KERNELS = ("reference", "fused")  # see jetmoe.model.backends
 EXPERT_IMPLS = ("auto", "grouped", "loop")
+PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")  # of a training run (Lightning's names; FSDP2's policies)
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
 
 # Keys that transformers writes into config.json but that carry no model information for us.
@@ -25,9 +29,19 @@ class JetMoeConfig:
     """Configuration of a JetMoE model.
 
     Field names and defaults are those of `transformers.JetMoeConfig`, so a `config.json` written by either
-    library loads in the other. Beyond HF: `router_z_loss_coef` (0 keeps numbers HF-identical),
-    `aux_loss_per_router` (the JetMoE paper's per-router load balancing; False keeps transformers' loss over all
-    routers), `expert_impl`, `num_labels` / `problem_type` (sequence classification).
+    library loads in the other. Beyond transformers:
+
+    - `router_z_loss_coef`: weight of the router z-loss (0 keeps the numbers transformers-identical);
+    - `aux_loss_per_router`: the JetMoE paper's load balancing, each router on its own (False: transformers' loss
+      over all routers at once);
+    - `kernels`: `fused` (default) runs the fast kernels of `jetmoe.kernels`, `reference` the plain-PyTorch
+      definitions they are tested against (`jetmoe.model.backends` has the table of what runs where);
+    - `expert_impl`: how `fused` multiplies the experts: `grouped` (one grouped GEMM for all experts, no host
+      synchronisation), `loop` (one GEMM per expert, counts read on the host), `auto` (grouped where torch runs
+      it for the device and dtype and the weights meet its alignment);
+    - `num_labels` / `problem_type`: sequence classification.
+
+    Invalid values raise `jetmoe.errors.ConfigError` (a ValueError) naming the field.
     """
 
     vocab_size: int = 32000
@@ -54,6 +68,7 @@ class JetMoeConfig:
     # Beyond transformers.
     router_z_loss_coef: float = 0.0
     aux_loss_per_router: bool = False
+    kernels: str = "fused"
     expert_impl: str = "auto"
     num_labels: int = 2
     problem_type: str | None = None
@@ -64,7 +79,7 @@ class JetMoeConfig:
             self.rope_theta = self.rope_parameters.get("rope_theta", self.rope_theta)
             rope_type = self.rope_parameters.get("rope_type", "default")
             if rope_type != "default":
-                raise ValueError(f"rope_parameters.rope_type must be 'default', got {rope_type!r}")
+                raise ConfigError(f"rope_parameters.rope_type must be 'default', got {rope_type!r}")
         self.validate()
         self.rope_theta = float(self.rope_theta)
         self.rope_parameters = {"rope_theta": self.rope_theta, "rope_type": "default"}
@@ -80,7 +95,7 @@ class JetMoeConfig:
 
     # ------------------------------------------------------------------ validation
     def validate(self) -> None:
-        """Raise ValueError naming the first invalid field."""
+        """Raise ConfigError naming the first invalid field."""
         positive = (
             "vocab_size", "hidden_size", "num_hidden_layers", "num_key_value_heads", "kv_channels",
             "intermediate_size", "max_position_embeddings", "num_local_experts", "num_experts_per_tok", "num_labels",
@@ -88,40 +103,38 @@ class JetMoeConfig:
         for name in positive:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {value!r}")
         if self.num_experts_per_tok > self.num_local_experts:
-            raise ValueError(
+            raise ConfigError(
                 f"num_experts_per_tok ({self.num_experts_per_tok}) must be <= num_local_experts "
                 f"({self.num_local_experts})"
             )
         if self.kv_channels % 2:
-            raise ValueError(f"kv_channels must be even for rotary embeddings, got {self.kv_channels}")
-        if self.activation_function not in ACTIVATIONS:
-            raise ValueError(f"activation_function must be one of {ACTIVATIONS}, got {self.activation_function!r}")
-        if self.expert_impl not in EXPERT_IMPLS:
-            raise ValueError(f"expert_impl must be one of {EXPERT_IMPLS}, got {self.expert_impl!r}")
-        if self.problem_type not in PROBLEM_TYPES:
-            raise ValueError(f"problem_type must be one of {PROBLEM_TYPES}, got {self.problem_type!r}")
+            raise ConfigError(f"kv_channels must be even for rotary embeddings, got {self.kv_channels}")
+        check_choice("activation_function", self.activation_function, ACTIVATIONS)
+        check_choice("kernels", self.kernels, KERNELS)
+        check_choice("expert_impl", self.expert_impl, EXPERT_IMPLS)
+        check_choice("problem_type", self.problem_type, PROBLEM_TYPES)
         for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
-                raise ValueError(f"{name} must be a positive number, got {value!r}")
+                raise ConfigError(f"{name} must be a positive number, got {value!r}")
         for name in ("aux_loss_coef", "router_z_loss_coef"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
-                raise ValueError(f"{name} must be a non-negative number, got {value!r}")
+                raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
         if not isinstance(self.aux_loss_per_router, bool):
-            raise ValueError(f"aux_loss_per_router must be true or false, got {self.aux_loss_per_router!r}")
+            raise ConfigError(f"aux_loss_per_router must be true or false, got {self.aux_loss_per_router!r}")
         dropout = self.attention_dropout
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-            raise ValueError(f"attention_dropout must be in [0, 1), got {dropout!r}")
+            raise ConfigError(f"attention_dropout must be in [0, 1), got {dropout!r}")
         ids = [("bos_token_id", self.bos_token_id), ("pad_token_id", self.pad_token_id)]
         ids += [("eos_token_id", eos) for eos in self.eos_token_ids]
         for name, value in ids:
             if value is not None and (
                 isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < self.vocab_size
             ):
-                raise ValueError(f"{name} must be an integer in [0, vocab_size={self.vocab_size}), got {value!r}")
+                raise ConfigError(f"{name} must be an integer in [0, vocab_size={self.vocab_size}), got {value!r}")
 
     @property
     def eos_token_ids(self) -> list[int]:
@@ -152,17 +165,17 @@ class JetMoeConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JetMoeConfig":
-        """Build from a dict (ours or a transformers `config.json`); unknown keys raise ValueError."""
+        """Build from a dict (ours or a transformers `config.json`); unknown keys raise ConfigError."""
         d = dict(d)
         model_type = d.get("model_type", "jetmoe")
         if model_type != "jetmoe":
-            raise ValueError(f"model_type must be 'jetmoe', got {model_type!r}")
+            raise ConfigError(f"model_type must be 'jetmoe', got {model_type!r}")
         if "id2label" in d and "num_labels" not in d:
             d["num_labels"] = len(d["id2label"])
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(k for k in d if k not in known and k not in _HF_BOOKKEEPING)
         if unknown:
-            raise ValueError(f"unknown JetMoeConfig field(s): {', '.join(unknown)}")
+            raise ConfigError(f"unknown JetMoeConfig field(s): {', '.join(unknown)}")
         return cls(**{k: v for k, v in d.items() if k in known})
 
     def replace(self, **changes: Any) -> "JetMoeConfig":
@@ -177,7 +190,7 @@ class JetMoeConfig:
     def from_name(cls, name: str, **overrides: Any) -> "JetMoeConfig":
         """A named preset: 'test' (unit tests), 'small' (CPU-trainable), 'jetmoe-8b' (the published model)."""
         if name not in PRESETS:
-            raise ValueError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
+            raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
         return cls(**{**PRESETS[name], **overrides})
 
 

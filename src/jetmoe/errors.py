@@ -22,3 +22,14 @@ class MissingFileError(UserError, FileNotFoundError):
 
 class InputFileError(UserError):
     """A file that exists but cannot be used: empty, not UTF-8, truncated, corrupted, of the wrong kind."""
+
+
+class RunFailure(Exception):
+    """A run that stopped through no fault of its input nor of the code (its loss diverged, the disk filled up):
+    the `jetmoe` command prints it as one line and exits with status 1; the last good checkpoint is kept."""
+
+
+def check_choice(name: str, value: object, choices: tuple) -> None:
+    """ConfigError naming `name` unless `value` is one of `choices`."""
+    if value not in choices:
+        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")

@@ -1,50 +1,45 @@
-"""Checkpoints in the Hugging Face layout: `config.json` + `model.safetensors` with transformers' JetMoe key names.
+"""Checkpoints in the Hugging Face layout: `config.json` + `model.safetensors` with transformers' JetMoe key names,
+read by `transformers.AutoModelForCausalLM.from_pretrained` and written by its `save_pretrained`.
 
-Module names in `jetmoe.model` are those of transformers, so the key adapter is the identity apart from the
-tied LM head (not stored, as transformers does) and the `model.` prefix between base and task models.
-Nothing here unpickles arbitrary objects: weights come from safetensors, or `torch.load(weights_only=True)`
-for legacy `pytorch_model.bin` files. Files are written to a temporary name and renamed into place.
+Module names in `jetmoe.model` are those of transformers, so the key adapter is the identity apart from the tied LM
+head (not stored, as transformers does) and the `model.` prefix between base and task models. Nothing here
+unpickles arbitrary objects: weights come from safetensors, or `torch.load(weights_only=True)` for legacy
+`pytorch_model.bin` files. Files are written to a temporary name and renamed into place (`jetmoe.files`).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pickle
-import tempfile
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import Any
 
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
+from torch import nn
 
 from jetmoe.config import JetMoeConfig
-
-if TYPE_CHECKING:
-    from torch import nn
+from jetmoe.errors import ConfigError, InputFileError, MissingFileError
+from jetmoe.files import atomic_write, atomic_write_text
+from jetmoe.model import JetMoeForCausalLM, JetMoePreTrainedModel
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 WEIGHTS_INDEX_NAME, LEGACY_WEIGHTS_NAME = "model.safetensors.index.json", "pytorch_model.bin"
 
 
-def atomic_write(path: str | Path, write) -> None:
-    """Call `write(tmp_path)`, then rename the temporary file over `path` (same directory, so atomic)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+# ----------------------------------------------------------------------------- writing
 
 
-def save_checkpoint(
+def save_pretrained(model: JetMoePreTrainedModel, directory: str | Path) -> Path:
+    """Write `model` as an HF-format directory (`config.json`, `model.safetensors`); returns the directory."""
+    return write_checkpoint(directory, model.config, model.state_dict(), type(model).__name__)
+
+
+def write_checkpoint(
     directory: str | Path, config: JetMoeConfig, state_dict: dict[str, torch.Tensor], architecture: str
-) -> None:
-    """Write an HF-format directory that `transformers.AutoModel*.from_pretrained` loads."""
+) -> Path:
+    """`save_pretrained` from a state dict (e.g. one gathered from shards) instead of a model."""
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
@@ -53,25 +48,45 @@ def save_checkpoint(
     dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
     meta = {**config.to_dict(), "architectures": [architecture], "dtype": str(dtype).removeprefix("torch.")}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write(directory / CONFIG_NAME, lambda tmp: Path(tmp).write_text(json.dumps(meta, indent=2) + "\n"))
+    atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
+    return directory
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+def load_pretrained(
+    directory: str | Path, model_class: type[JetMoePreTrainedModel] = JetMoeForCausalLM, **config_overrides: Any
+) -> JetMoePreTrainedModel:
+    """A model (default `JetMoeForCausalLM`) from an HF-format directory written here or by transformers (local
+    paths only); `config_overrides` replace config fields (e.g. `kernels="reference"`)."""
+    config = load_config(directory)
+    if config_overrides:
+        config = config.replace(**config_overrides)
+    state_dict = load_state_dict(directory)
+    with torch.device("meta"):
+        model = model_class(config)
+    load_into(model, state_dict, source=directory)
+    return model
 
 
 def load_config(directory: str | Path) -> JetMoeConfig:
-    path = Path(directory) / CONFIG_NAME
-    if not Path(directory).is_dir():
-        raise FileNotFoundError(f"{directory}: not a directory (expected an HF-format model directory)")
+    directory = Path(directory)
+    path = directory / CONFIG_NAME
+    if not directory.is_dir():
+        raise MissingFileError(f"{directory}: not a directory (expected an HF-format model directory)")
     if not path.is_file():
-        raise FileNotFoundError(f"{path}: missing (expected an HF-format model directory with config.json)")
+        raise MissingFileError(f"{path}: missing (expected an HF-format model directory with config.json)")
     try:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise ValueError(f"{path}: not valid JSON ({err})") from None
+        raise InputFileError(f"{path}: not valid JSON ({err})") from None
     if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise InputFileError(f"{path}: expected a JSON object")
     try:
         return JetMoeConfig.from_dict(raw)
     except (TypeError, ValueError) as err:
-        raise ValueError(f"{path}: {err}") from None
+        raise ConfigError(f"{path}: {err}") from None
 
 
 def load_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
@@ -85,7 +100,7 @@ def load_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
     elif (directory / LEGACY_WEIGHTS_NAME).is_file():
         files = [directory / LEGACY_WEIGHTS_NAME]
     else:
-        raise FileNotFoundError(f"{directory}: no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or {LEGACY_WEIGHTS_NAME}")
+        raise MissingFileError(f"{directory}: no {WEIGHTS_NAME}, {WEIGHTS_INDEX_NAME} or {LEGACY_WEIGHTS_NAME}")
     state_dict: dict[str, torch.Tensor] = {}
     for path in files:
         try:
@@ -94,12 +109,8 @@ def load_state_dict(directory: str | Path) -> dict[str, torch.Tensor]:
             else:
                 state_dict.update(torch.load(path, map_location="cpu", weights_only=True))
         except (SafetensorError, RuntimeError, OSError, EOFError, pickle.UnpicklingError) as err:
-            raise ValueError(f"{path}: unreadable or corrupted weights file ({err})") from None
+            raise InputFileError(f"{path}: unreadable or corrupted weights file ({err})") from None
     return state_dict
-
-
-def load_checkpoint(directory: str | Path) -> tuple[JetMoeConfig, dict[str, torch.Tensor]]:
-    return load_config(directory), load_state_dict(directory)
 
 
 def _match_prefix(state_dict: dict[str, torch.Tensor], expected: set[str]) -> dict[str, torch.Tensor]:
@@ -112,9 +123,9 @@ def _match_prefix(state_dict: dict[str, torch.Tensor], expected: set[str]) -> di
     return {f"model.{k}": v for k, v in state_dict.items()}
 
 
-def load_into(model: "nn.Module", state_dict: dict[str, torch.Tensor], source: str | Path = "checkpoint") -> None:
-    """Load weights into `model` (which may live on the meta device); mismatches raise one ValueError listing
-    the missing, unexpected and wrongly shaped keys."""
+def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path = "checkpoint") -> None:
+    """Load weights into `model` (which may live on the meta device); mismatches raise one InputFileError listing the
+    missing, unexpected and wrongly shaped keys."""
     expected = model.state_dict()
     state_dict = _match_prefix(state_dict, set(expected))
     tied = getattr(model.config, "tie_word_embeddings", False)
@@ -131,7 +142,7 @@ def load_into(model: "nn.Module", state_dict: dict[str, torch.Tensor], source: s
         if items
     ]
     if problems:
-        raise ValueError(f"{source}: checkpoint does not match {type(model).__name__}: " + "; ".join(problems))
+        raise InputFileError(f"{source}: checkpoint does not match {type(model).__name__}: " + "; ".join(problems))
     if tied:
         state_dict = {k: v for k, v in state_dict.items() if k != "lm_head.weight"}
     model.load_state_dict(state_dict, strict=False, assign=True)

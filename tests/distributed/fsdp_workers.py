@@ -25,14 +25,7 @@ from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 
 from jetmoe import JetMoeConfig, JetMoeForCausalLM
-from jetmoe.distributed import (
-    build_sharded_causal_lm,
-    full_state_dict,
-    load_hf_weights,
-    load_sharded,
-    save_hf,
-    save_sharded,
-)
+from jetmoe.distributed import build_sharded_causal_lm, full_state_dict, load_hf_weights, save_hf
 from jetmoe.distributed.plan import local_state_bytes
 from jetmoe.distributed.strategy import FSDP2Strategy
 
@@ -128,8 +121,8 @@ def _sharded_model() -> JetMoeForCausalLM:
 
 
 def first_run(rank: int, out: Path) -> dict[str, Any]:
-    """Meta init; 4 uninterrupted steps; a second run of 2 steps saved as a sharded checkpoint and as HF;
-    Lightning (FSDP2Strategy) for 2 steps, saved."""
+    """Meta init; 4 uninterrupted steps; a second run of 2 steps exported as HF; Lightning (FSDP2Strategy) for 2
+    steps, saved."""
     model = _sharded_model()
     init = full_state_dict(model)
     placements = {name: (type(p).__name__, str(p.placements), p.device_mesh.size())
@@ -140,28 +133,21 @@ def first_run(rank: int, out: Path) -> dict[str, Any]:
 
     model = _sharded_model()
     opt = optimizer(model)
-    before_save = train(model, opt, range(2), rank)
-    save_sharded(out / "sharded", model, opt, extra={"step": 2})
+    train(model, opt, range(2), rank)
     save_hf(model, out / "hf_step2")
     lightning = _lightning_fit(rank, out, max_steps=2, resume=False)
     return {"init": init, "placements": placements, "uninterrupted": uninterrupted, "state_bytes": state_bytes,
-            "before_save": before_save, "lightning": lightning}
+            "lightning": lightning}
 
 
 def resumed_run(rank: int, out: Path) -> dict[str, Any]:
-    """Fresh processes: load the sharded checkpoint and run steps 3-4; load the HF export into a sharded
-    model; resume the Lightning run to step 4."""
-    torch.manual_seed(SEED + 1)  # a different init: everything must come from the checkpoint
+    """Fresh processes: load the HF export into a sharded model; resume the Lightning run to step 4."""
+    torch.manual_seed(SEED + 1)  # a different init: everything must come from the checkpoints
     mesh = init_device_mesh("cpu", (WORLD,))
-    model = build_sharded_causal_lm(CONFIG, mesh, "cpu", **PARALLEL)
-    opt = optimizer(model)
-    extra = load_sharded(out / "sharded", model, opt)
-    after_load = train(model, opt, range(extra["step"], STEPS), rank)
-
     hf_model = build_sharded_causal_lm(CONFIG, mesh, "cpu")
     load_hf_weights(hf_model, out / "hf_step2")
     lightning = _lightning_fit(rank, out, max_steps=STEPS, resume=True)
-    return {"extra": extra, "after_load": after_load, "from_hf": full_state_dict(hf_model), "lightning": lightning}
+    return {"from_hf": full_state_dict(hf_model), "lightning": lightning}
 
 
 # ----------------------------------------------------------------------------- Lightning

@@ -11,7 +11,7 @@ import fsdp_workers as w
 import pytest
 import torch
 
-from jetmoe import JetMoeForCausalLM
+from jetmoe import JetMoeForCausalLM, load_pretrained
 from jetmoe.distributed import consolidate
 
 pytestmark = pytest.mark.distributed
@@ -74,31 +74,22 @@ def test_loss_matches_single_process_run(runs):
     assert (trained["model.embed_tokens.weight"] - init["model.embed_tokens.weight"]).abs().max() > 1e-2  # it trains
 
 
-def test_resume_in_fresh_processes_continues_the_loss_curve(runs):
-    first, resumed = runs["first"][0], runs["resumed"][0]
-    assert resumed["extra"] == {"step": 2}
-    _assert_histories_close(first["before_save"], first["uninterrupted"][:2])
-    _assert_histories_close(resumed["after_load"], first["uninterrupted"][2:])
-
-
-def test_consolidated_checkpoint_loads_in_transformers(runs, tmp_path):
-    consolidate(runs["out"] / "sharded", tmp_path, w.CONFIG)
-    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors"}
-    hf, info = transformers.JetMoeForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+def test_hf_export_of_a_sharded_model_loads_in_transformers(runs):
+    """The rank-0 HF export of a sharded model after two steps: transformers loads it, with the weights and the
+    logits of the single-process run."""
+    out = runs["out"] / "hf_step2"
+    assert {p.name for p in out.iterdir()} == {"config.json", "model.safetensors"}
+    hf, info = transformers.JetMoeForCausalLM.from_pretrained(out, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     _, after_two_steps = w.reference(steps=2)
     ids = w.global_batches()[0]
     with torch.no_grad():
         expected = after_two_steps.eval()(ids).logits
         torch.testing.assert_close(hf.eval()(ids).logits, expected, atol=1e-4, rtol=0)
-    # The rank-0 HF export written during training holds the same weights.
-    ours = JetMoeForCausalLM.from_pretrained(runs["out"] / "hf_step2").state_dict()
-    for name, tensor in JetMoeForCausalLM.from_pretrained(tmp_path).state_dict().items():
-        assert torch.equal(ours[name], tensor), name
 
 
 def test_hf_weights_load_into_a_sharded_model(runs):
-    exported = JetMoeForCausalLM.from_pretrained(runs["out"] / "hf_step2").state_dict()
+    exported = load_pretrained(runs["out"] / "hf_step2").state_dict()
     loaded = runs["resumed"][0]["from_hf"]
     assert loaded.keys() == exported.keys()
     for name, tensor in exported.items():
@@ -112,6 +103,7 @@ def test_lightning_fsdp2_strategy_trains_saves_and_resumes_like_the_reference(ru
     _assert_histories_close(first["history"] + resumed["history"], runs["reference"])
     # Lightning's sharded last.ckpt/ consolidates to the weights the run ended with.
     consolidate(runs["out"] / "lightning" / "last.ckpt", tmp_path, w.CONFIG)
-    exported = JetMoeForCausalLM.from_pretrained(tmp_path).state_dict()
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors"}
+    exported = load_pretrained(tmp_path).state_dict()
     for name, tensor in exported.items():
         assert torch.equal(resumed["full"][name], tensor), name

@@ -83,7 +83,7 @@ def test_bf16_mixed_keeps_fp32_shards_and_computes_in_bf16(mesh, config):
     policy = model.model.layers[0]._get_fsdp_state()._mp_policy
     assert (policy.param_dtype, policy.reduce_dtype) == (torch.bfloat16, torch.float32)
     ids = torch.randint(0, 128, (2, 8))
-    out = model(ids, labels=ids)
+    out = model(ids, labels=ids, skip_logits=False)
     assert out.logits.dtype == torch.bfloat16
     out.loss.backward()
     assert model.model.embed_tokens.weight.grad.dtype == torch.float32

@@ -5,8 +5,8 @@ import torch
 from numerics import relative_error
 
 from jetmoe import JetMoeForCausalLM
-from jetmoe.model.generation import _decode_step
-from jetmoe.model.attention import StaticKVCache
+from jetmoe.model import StaticKVCache
+from jetmoe.model.generation import decode_step
 
 
 @pytest.fixture(autouse=True)
@@ -27,16 +27,20 @@ def test_training_step_traces_as_one_graph(tiny_config):
     assert model.lm_head.weight.grad is not None
 
 
-def test_decode_step_traces_as_one_graph(tiny_config):
+@pytest.mark.parametrize("batch", [1, 3])
+def test_decode_step_traces_as_one_graph_with_eager_numbers(tiny_config, batch):
     model = JetMoeForCausalLM(tiny_config).eval()
-    cache = StaticKVCache(tiny_config, 2, 8, "cpu", torch.float32)
-    step = torch.compile(_decode_step, fullgraph=True, backend="aot_eager")
-    mask = torch.ones(2, 8, dtype=torch.long)
+    step = torch.compile(decode_step, fullgraph=True, backend="aot_eager")
+    caches = [StaticKVCache(tiny_config, batch, 8, "cpu", torch.float32) for _ in range(2)]
+    mask = torch.ones(batch, 8, dtype=torch.long)
     with torch.no_grad():
-        for t in range(3):
-            ids = torch.randint(0, 128, (2, 1))
-            logits = step(model, ids, torch.full((2, 1), t), cache, torch.tensor([t]), mask)
-    assert logits.shape == (2, 128)
+        for t in range(4):
+            ids = torch.randint(0, 128, (batch, 1))
+            pos = torch.full((batch, 1), t)
+            compiled = step(model, ids, pos, caches[0], torch.tensor([t]), mask)
+            eager = decode_step(model, ids, pos, caches[1], torch.tensor([t]), mask)
+            torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
+    assert compiled.shape == (batch, 128)
 
 
 @pytest.mark.slow
@@ -57,3 +61,13 @@ def test_inductor_compiled_model_matches_eager(tiny_config, device, dtype):
         torch.testing.assert_close(out.loss, eager.loss, atol=1e-2, rtol=0)
     for name, p in model.named_parameters():
         assert relative_error(compiled_grads[name], p.grad) < (1e-4 if dtype == torch.float32 else 3e-2), name
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("batch", [1, 3])
+def test_generate_with_inductor_compiled_static_step_matches_dynamic(tiny_config, batch, device):
+    model = JetMoeForCausalLM(tiny_config).to(device).eval()
+    ids = torch.randint(3, 128, (batch, 5), device=device)
+    dynamic = model.generate(ids, max_new_tokens=6, eos_token_id=[])
+    compiled = model.generate(ids, max_new_tokens=6, eos_token_id=[], static_cache=True, compile=True)
+    assert torch.equal(dynamic, compiled)

@@ -87,6 +87,8 @@ def test_sampling_is_seeded_and_top_k_1_is_greedy(model):
         ({"input_ids": torch.ones(1, 250, dtype=torch.long), "max_new_tokens": 10}, "exceeds max_position"),
         ({"input_ids": torch.ones(1, 3, dtype=torch.long), "do_sample": True, "temperature": 0.0}, "temperature"),
         ({"input_ids": torch.ones(1, 3, dtype=torch.long), "attention_mask": torch.ones(1, 2)}, "attention_mask"),
+        ({"input_ids": torch.ones(1, 3, dtype=torch.long), "do_sample": True, "top_p": 1.5}, "top_p"),
+        ({"input_ids": torch.ones(1, 3, dtype=torch.long), "do_sample": True, "top_k": -1}, "top_k"),
     ],
 )
 def test_generate_rejects_bad_arguments(model, kwargs, message):

@@ -114,7 +114,7 @@ BASE = "defaults:\n  - model: tiny\n  - trainer: cpu\n"
         (BASE, ["trainer.devices=[1]"], r"command line: 'trainer.devices' expects int or str"),
         (BASE, ["model.init_from=[1]"], r"'model.init_from' expects str or null"),
         (BASE + "model:\n  num_experts_per_tok: 5\n", [],
-         r"^model.num_experts_per_tok \(5\) must be <= model.num_local_experts \(4\)$"),
+         r"^model.num_experts_per_tok \(5\) must be <= num_local_experts \(4\)$"),
         (BASE + "data:\n  seq_len: 512\n", [],
          r"^data.seq_len \(512\) must be <= model.max_position_embeddings \(256\)$"),
         (BASE, ["optim.schedule=linear"], r"optim.schedule must be one of wsd, cosine, constant"),

@@ -18,24 +18,26 @@ from jetmoe.training.expert_callback import (
     scalar_metrics,
 )
 from jetmoe.training.expert_metrics import RouterUtilization
+from model_helpers import routes
 
 NUM_LAYERS, NUM_EXPERTS, TOP_K, TOKENS = 2, 4, 2, 24
 
 
 class FakeRouterModule(L.LightningModule):
-    """Returns random router logits in the dict format the callback expects (no real model)."""
+    """Returns random routings in the dict format the callback expects (no real model)."""
 
-    def __init__(self, with_router_logits=True):
+    def __init__(self, with_routings=True):
         super().__init__()
         self.proj = nn.Linear(3, NUM_EXPERTS)
-        self.with_router_logits = with_router_logits
+        self.with_routings = with_routings
 
     def _step(self, batch):
         logits_NE = self.proj(batch[0].reshape(TOKENS, 3))
         out = {"loss": logits_NE.square().mean()}
-        if self.with_router_logits:
-            out["router_logits"] = tuple(logits_NE.detach() + torch.randn_like(logits_NE) for _ in range(2 * NUM_LAYERS))
-            out["router_mask"] = torch.arange(TOKENS) < TOKENS - 4
+        if self.with_routings:
+            noisy = [logits_NE.detach() + torch.randn_like(logits_NE) for _ in range(2 * NUM_LAYERS)]
+            out["routings"] = routes(noisy, TOP_K)
+            out["token_mask"] = torch.arange(TOKENS) < TOKENS - 4
         return out
 
     def training_step(self, batch, batch_idx):
@@ -146,9 +148,9 @@ def test_run_total_survives_a_resume(tmp_path):
     assert sum(run["tokens"]) == TOP_K * run["num_tokens"]
 
 
-def test_skips_outputs_without_router_logits(tmp_path):
+def test_skips_outputs_without_routings(tmp_path):
     callback = ExpertUtilizationCallback(NUM_LAYERS, NUM_EXPERTS, TOP_K, log_every_n_steps=2)
-    trainer = fit(tmp_path, FakeRouterModule(with_router_logits=False), callback)
+    trainer = fit(tmp_path, FakeRouterModule(with_routings=False), callback)
     assert not (tmp_path / "run" / "version_0" / "expert_utilization.json").exists()
     assert not any(key.startswith("experts/") for key in trainer.logged_metrics)
     with pytest.raises(FileNotFoundError):
@@ -174,7 +176,7 @@ def test_rejects_misaligned_intervals(tmp_path):
 
 def test_scalar_metrics_names():
     metric = RouterUtilization(2 * NUM_LAYERS, NUM_EXPERTS, TOP_K)
-    metric.update(tuple(torch.randn(10, NUM_EXPERTS) for _ in range(2 * NUM_LAYERS)))
+    metric.update(routes([torch.randn(10, NUM_EXPERTS) for _ in range(2 * NUM_LAYERS)], TOP_K))
     scalars = scalar_metrics("experts", metric.compute())
     assert len(scalars) == 5 * 2 * NUM_LAYERS + 4 * 2
     assert all(value.ndim == 0 for value in scalars.values())

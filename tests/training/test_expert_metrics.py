@@ -7,12 +7,18 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from jetmoe.training.expert_metrics import RouterUtilization, router_names
+from model_helpers import routes
 
 E, K = 8, 2
 
 
 def make_metric(num_routers=2, num_experts=E, top_k=K, **kwargs):
     return RouterUtilization(num_routers, num_experts, top_k, **kwargs)
+
+
+def feed(metric, logits, mask=None):
+    """`metric.update` with the routings the model's routers would give for these logits."""
+    metric.update(routes(logits, metric.top_k), mask)
 
 
 def balanced_logits(num_tokens, num_experts=E, top_k=K, eps=1e-4):
@@ -50,7 +56,7 @@ def reference_stats(logits_NE, top_k, dead_threshold=0.1):
         "entropy": entropy / num_tokens,
         "dead_fraction": sum(x < dead_threshold / num_experts for x in load) / num_experts,
         "top1_top2_ratio": ratio / num_tokens,
-        "balance_loss": num_experts * sum(f * p for f, p in zip(load, prob)),
+        "balance_loss": num_experts * sum(top_k * f * p for f, p in zip(load, prob)),  # k when balanced
     }
 
 
@@ -69,7 +75,7 @@ def test_router_names():
 def test_balanced_routing():
     metric = make_metric()
     logits = balanced_logits(4 * E)
-    metric.update((logits, logits))
+    feed(metric, (logits, logits))
     stats = metric.compute()
     torch.testing.assert_close(stats["load"], torch.full((2, E), 1 / E))
     torch.testing.assert_close(stats["imbalance"], torch.ones(2))
@@ -77,7 +83,7 @@ def test_balanced_routing():
     torch.testing.assert_close(stats["entropy_norm"], torch.ones(2))
     torch.testing.assert_close(stats["dead_fraction"], torch.zeros(2))
     torch.testing.assert_close(stats["top1_top2_ratio"], torch.ones(2), rtol=0, atol=1e-3)
-    torch.testing.assert_close(stats["balance_loss"], torch.ones(2))
+    torch.testing.assert_close(stats["balance_loss"], torch.full((2,), float(K)))  # the training loss's k
     assert stats["tokens"].sum(-1).tolist() == [4 * E * K] * 2
     assert stats["num_tokens"].tolist() == [4 * E] * 2
 
@@ -86,7 +92,7 @@ def test_collapsed_routing():
     logits = torch.zeros(64, E)
     logits[:, 0], logits[:, 1] = 20.0, 10.0
     metric = make_metric(num_routers=1)
-    metric.update((logits,))
+    feed(metric, (logits,))
     stats = metric.compute()
     assert stats["dead_fraction"].item() == pytest.approx((E - K) / E)
     assert stats["imbalance"].item() == pytest.approx(E / K)
@@ -100,7 +106,7 @@ def test_matches_reference_and_accumulates():
     logits_per_router = [torch.randn(96, E) * 2 for _ in range(4)]
     metric = make_metric(num_routers=4)
     for chunk in range(3):
-        metric.update(tuple(logits[chunk * 32:(chunk + 1) * 32] for logits in logits_per_router))
+        feed(metric, tuple(logits[chunk * 32:(chunk + 1) * 32] for logits in logits_per_router))
     stats = metric.compute()
     assert_matches_reference(stats, logits_per_router, K)
     torch.testing.assert_close(stats["load"].sum(-1), torch.ones(4))
@@ -112,8 +118,8 @@ def test_mask_excludes_padding():
     padded = [torch.cat([logits, torch.full((12, E), 0.0).index_fill(1, torch.tensor([3]), 50.0)]) for logits in real]
     mask_BT = torch.cat([torch.ones(20), torch.zeros(12)]).long().reshape(2, 16)  # any shape / int dtype
     masked, reference = make_metric(), make_metric()
-    masked.update(tuple(padded), mask_BT)
-    reference.update(tuple(real))
+    feed(masked, tuple(padded), mask_BT)
+    feed(reference, tuple(real))
     for key, value in reference.compute().items():
         torch.testing.assert_close(masked.compute()[key], value, msg=key)
 
@@ -122,7 +128,7 @@ def test_top1_routing():
     torch.manual_seed(2)
     logits_per_router = [torch.randn(50, E) for _ in range(2)]
     metric = make_metric(top_k=1)
-    metric.update(logits_per_router)
+    feed(metric, logits_per_router)
     stats = metric.compute()
     assert_matches_reference(stats, logits_per_router, 1)
     torch.testing.assert_close(stats["load"], stats["top1_load"])
@@ -131,9 +137,9 @@ def test_top1_routing():
 
 def test_single_expert_is_defined():
     metric = make_metric(num_routers=2, num_experts=1, top_k=1)
-    metric.update((torch.randn(10, 1), torch.randn(10, 1)))
+    feed(metric, (torch.randn(10, 1), torch.randn(10, 1)))
     stats = metric.compute()
-    for key in ("imbalance", "entropy_norm", "balance_loss"):
+    for key in ("imbalance", "entropy_norm", "balance_loss"):  # balance_loss: k = 1
         torch.testing.assert_close(stats[key], torch.ones(2), msg=key)
     for key in ("cv", "entropy", "dead_fraction", "top1_top2_ratio"):
         torch.testing.assert_close(stats[key], torch.zeros(2), msg=key)
@@ -149,16 +155,14 @@ def test_empty_metric_is_zero_not_nan():
 
 def test_all_masked_batch_adds_nothing():
     metric = make_metric()
-    metric.update((torch.randn(8, E), torch.randn(8, E)), torch.zeros(8, dtype=torch.bool))
+    feed(metric, (torch.randn(8, E), torch.randn(8, E)), torch.zeros(8, dtype=torch.bool))
     stats = metric.compute()
     assert stats["num_tokens"].tolist() == [0, 0] and stats["dead_fraction"].tolist() == [0, 0]
 
 
-def test_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="top_k"):
-        make_metric(top_k=E + 1)
-    with pytest.raises(ValueError, match="expected 2 router"):
-        make_metric().update((torch.randn(4, E),))
+def test_rejects_the_wrong_number_of_routings():
+    with pytest.raises(ValueError, match="expected 2 routings"):
+        feed(make_metric(), (torch.randn(4, E),))
 
 
 def test_merge_state_folds_windows_into_a_total():
@@ -166,8 +170,8 @@ def test_merge_state_folds_windows_into_a_total():
     chunks = [tuple(torch.randn(16, E) for _ in range(2)) for _ in range(3)]
     total, window, reference = make_metric(), make_metric(), make_metric()
     for chunk in chunks:
-        reference.update(chunk)
-        window.update(chunk)
+        feed(reference, chunk)
+        feed(window, chunk)
         total.merge_state(window)
         window.reset()
         total.compute()  # a cached result must not survive the next merge
@@ -188,11 +192,11 @@ def _distributed_worker(rank, world_size, port, local):
         logits_per_router = [torch.randn(64, E) for _ in range(4)]
         mask_N = torch.rand(64) > 0.25
         full = make_metric(num_routers=4, sync_on_compute=False)
-        full.update(logits_per_router, mask_N)
+        feed(full, logits_per_router, mask_N)
         expected = full.compute()
 
         shard = slice(rank * 32, (rank + 1) * 32)
-        local.update([logits[shard] for logits in logits_per_router], mask_N[shard])
+        feed(local, [logits[shard] for logits in logits_per_router], mask_N[shard])
         local_tokens = local.tokens_R.clone()
         for key, value in local.compute().items():
             torch.testing.assert_close(value, expected[key], msg=key)

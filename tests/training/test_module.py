@@ -60,15 +60,17 @@ def test_overfits_a_fixed_batch(intra_doc_mask):
     assert module.tokens_seen == 30 * batch["input_ids"].numel()
 
 
-def test_training_step_returns_detached_router_logits_for_the_expert_callback():
+def test_training_step_returns_detached_routings_for_the_expert_callback():
     cfg = _cfg("trainer.max_steps=1")
     module = JetMoeLitModule(cfg)
     recorder = Recorder()
     _trainer(1, [recorder]).fit(module, train_dataloaders=DataLoader([_batch()], batch_size=None))
     (out,) = recorder.outputs
-    assert set(out) == {"loss", "router_logits", "router_mask"} and out["router_mask"] is None
-    assert len(out["router_logits"]) == 2 * cfg.model.num_hidden_layers
-    assert all(t.shape == (4 * 16, cfg.model.num_local_experts) and not t.requires_grad for t in out["router_logits"])
+    assert set(out) == {"loss", "routings", "token_mask"} and out["token_mask"] is None
+    assert len(out["routings"]) == 2 * cfg.model.num_hidden_layers
+    for routing in out["routings"]:
+        assert routing.logits_NE.shape == (4 * 16, cfg.model.num_local_experts) and not routing.logits_NE.requires_grad
+        assert "probs_NE" in routing.__dict__  # computed once, for the load-balancing loss, and shared
 
 
 def test_validation_loss_is_the_token_weighted_mean_ce():

@@ -8,6 +8,7 @@ import lightning as L
 import pytest
 import torch
 
+from jetmoe.errors import ConfigError, RunFailure
 from jetmoe.training.reliability import (
     AtomicCheckpointIO,
     CheckpointError,
@@ -34,12 +35,12 @@ def test_full_disk_during_save_keeps_the_previous_checkpoint(tmp_path, monkeypat
     io = AtomicCheckpointIO()
     io.save_checkpoint(_checkpoint(1), tmp_path / "last.ckpt")
 
-    def disk_full(obj, f, *args, **kwargs):
-        f.write(b"partial bytes")
+    def disk_full(obj, path, *args, **kwargs):
+        path.write_bytes(b"partial bytes")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="could not write checkpoint .*last.ckpt: No space left on device"):
+    with pytest.raises(RunFailure, match="could not write checkpoint .*last.ckpt: No space left on device"):
         io.save_checkpoint(_checkpoint(2), tmp_path / "last.ckpt")
     monkeypatch.undo()
     assert read_checkpoint(tmp_path / "last.ckpt")["global_step"] == 1
@@ -131,5 +132,5 @@ def test_nan_loss_can_skip_the_step(tmp_path):
 
 
 def test_guard_rejects_unknown_action():
-    with pytest.raises(ValueError, match="optim.on_nonfinite must be 'stop' or 'skip'"):
+    with pytest.raises(ConfigError, match="optim.on_nonfinite must be one of stop, skip"):
         NonFiniteGuard("ignore")

@@ -3,7 +3,6 @@
     parallelize_jetmoe(model, mesh, ...)      activation checkpointing -> compile -> fully_shard per block, root
     materialize(model, device)                to_empty + tie_weights + init equal to the unsharded init
     build_sharded_causal_lm(config, mesh, device, ...)   meta build + parallelize + materialize
-    save_sharded / load_sharded               DCP checkpoints of model + optimizer (atomic)
     consolidate(sharded_dir, out_dir, config) one HF-format directory from a sharded checkpoint
     save_hf / full_state_dict / load_hf_weights   HF export and import under FSDP
     estimate / format_plan                    memory and throughput plan (jetmoe.distributed.plan)
@@ -16,10 +15,8 @@ from jetmoe.distributed.checkpoint import (
     consolidate,
     full_state_dict,
     load_hf_weights,
-    load_sharded,
     resolve_checkpoint,
     save_hf,
-    save_sharded,
 )
 from jetmoe.distributed.parallelize import (
     build_sharded_causal_lm,
@@ -38,11 +35,9 @@ __all__ = [
     "full_state_dict",
     "init_weights",
     "load_hf_weights",
-    "load_sharded",
     "materialize",
     "mixed_precision_policy",
     "parallelize_jetmoe",
     "resolve_checkpoint",
     "save_hf",
-    "save_sharded",
 ]

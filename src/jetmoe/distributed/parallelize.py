@@ -13,7 +13,6 @@ holds the embeddings, the tied LM head and the final norm, so a tied head stays 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
 from typing import Literal
 
 import torch
@@ -23,12 +22,12 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from jetmoe.config import JetMoeConfig
-from jetmoe.model import JetMoeForCausalLM, JetMoePreTrainedModel
+from jetmoe.config import PRECISIONS, JetMoeConfig
+from jetmoe.errors import check_choice
+from jetmoe.model import JetMoeForCausalLM, JetMoePreTrainedModel, init_module_weights
 
 Precision = Literal["32-true", "bf16-mixed", "bf16-true"]
 ActivationCheckpointing = Literal["none", "full", "selective"]
-PRECISIONS: tuple[str, ...] = ("32-true", "bf16-mixed", "bf16-true")
 ACTIVATION_CHECKPOINTING: tuple[str, ...] = ("none", "full", "selective")
 
 
@@ -50,8 +49,8 @@ def parallelize_jetmoe(
     `precision` "bf16-mixed" keeps fp32 sharded (master) parameters and runs blocks with bf16 copies, reducing
     gradients in fp32; "bf16-true" stores the parameters in bf16. Returns `model` (sharded in place).
     """
-    _check_choice("activation_checkpointing", activation_checkpointing, ACTIVATION_CHECKPOINTING)
-    _check_choice("precision", precision, PRECISIONS)
+    check_choice("activation_checkpointing", activation_checkpointing, ACTIVATION_CHECKPOINTING)
+    check_choice("precision", precision, PRECISIONS)
     if activation_checkpointing != "none" and model.base_model.gradient_checkpointing:
         raise ValueError(
             "the model's gradient_checkpointing is on as well: use either gradient_checkpointing_enable() "
@@ -91,7 +90,7 @@ def data_parallel_mesh(device_mesh: DeviceMesh) -> DeviceMesh:
 
 def mixed_precision_policy(precision: Precision) -> MixedPrecisionPolicy:
     """bf16 compute with fp32 gradient reduction for "bf16-mixed"; no casting otherwise."""
-    _check_choice("precision", precision, PRECISIONS)
+    check_choice("precision", precision, PRECISIONS)
     if precision == "bf16-mixed":
         return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return MixedPrecisionPolicy()
@@ -102,11 +101,6 @@ def _offload(cpu_offload: bool) -> OffloadPolicy:
     if not cpu_offload:
         return OffloadPolicy()
     return CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-
-
-def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {', '.join(choices)}, got {value!r}")
 
 
 # ----------------------------------------------------------------------------- meta-device initialisation
@@ -145,11 +139,11 @@ def init_weights(model: JetMoePreTrainedModel) -> None:
 
 
 def _init_one_module(model: JetMoePreTrainedModel, module: nn.Module, full: dict[str, torch.Tensor]) -> None:
-    """Run `JetMoePreTrainedModel.init_weights` on `module` alone, with `full` standing in for its parameters."""
+    """`init_module_weights` on `module` alone, with `full` standing in for its parameters."""
     originals = dict(module._parameters)
     module._parameters.update({name: nn.Parameter(t, requires_grad=False) for name, t in full.items()})
     try:
-        JetMoePreTrainedModel.init_weights(SimpleNamespace(config=model.config, modules=lambda: [module]))
+        init_module_weights(module, model.config.initializer_range)
     finally:
         module._parameters.update(originals)
 

@@ -24,13 +24,13 @@ attention width; F expert intermediate size; E experts; k top-k; H key/value hea
     MoA / MoE rows   M·D·4s         routed input rows and expert outputs, for MoA and MoE each
     MoE GLU          M·F·3s         routed rows of width 2F (gate | up) and the expert input silu(gate)·up
     attention lse    N·k·H·4        fp32 log-sum-exp of the attention kernel
-    routers          2·(N·E·8 + M·44) + M·H·16
-                     per router: fp32 logits (z-loss) and softmax probabilities (load-balancing loss), fp32
-                     gates, five int64 index vectors (top-k, sort, inverse sort, token, aux top-k);
-                     MoA's two int64 head permutations
+    routers          2·(N·E·8 + M·(32 + s) + N·4) + M·H·16
+                     per router, its `Routing`: fp32 logits (z-loss) and softmax probabilities (load-balancing
+                     loss), the gates, four int64 index vectors (top-k, sort, inverse sort, token) and the fp32
+                     token weights of the balancing statistics; MoA's two int64 head permutations
 
-A checkpointed block keeps only its input (N·D·s) and, for the auxiliary losses, its routers' fp32 logits
-and probabilities and aux top-k indices. The LM head keeps the final norm's input and output (N·D·2s), the
+A checkpointed block keeps only its input (N·D·s) and its routers' `Routing`s (the forward returns them, and
+the auxiliary losses read them): 2·(N·E·8 + M·(32 + s) + N·4). The LM head keeps the final norm's input and output (N·D·2s), the
 logits (N·V·s) and the fp32 log-probabilities of the cross-entropy (N·V·4); with `skip_logits=True` (the
 fused chunked cross-entropy, what training uses) the norm output and the last two become N·D·s + V·D·s (the
 stored gradients) instead.
@@ -49,7 +49,9 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from jetmoe.config import JetMoeConfig
-from jetmoe.distributed.parallelize import ACTIVATION_CHECKPOINTING, PRECISIONS, _check_choice
+from jetmoe.config import PRECISIONS
+from jetmoe.distributed.parallelize import ACTIVATION_CHECKPOINTING
+from jetmoe.errors import ConfigError, check_choice
 
 GB = 1e9
 USABLE_FRACTION = 0.9  # of gpu_memory_gb: CUDA context, NCCL buffers, allocator fragmentation
@@ -70,7 +72,7 @@ def block_activation_terms(config: JetMoeConfig, tokens: int, dtype_bytes: int) 
         "MoA / MoE rows": M * D * 4 * s,
         "MoE GLU": M * F * 3 * s,
         "attention lse": N * k * H * 4,
-        "routers": 2 * (N * E * 8 + M * 44) + M * H * 16,
+        "routers": _router_bytes(config, tokens, dtype_bytes) + M * H * 16,
     }
 
 
@@ -78,10 +80,15 @@ def block_activation_bytes(config: JetMoeConfig, tokens: int, dtype_bytes: int) 
     return sum(block_activation_terms(config, tokens, dtype_bytes).values())
 
 
-def _checkpointed_block_bytes(config: JetMoeConfig, tokens: int, dtype_bytes: int) -> int:
-    """A checkpointed block keeps its input and what the auxiliary losses hold of its routers."""
+def _router_bytes(config: JetMoeConfig, tokens: int, dtype_bytes: int) -> int:
+    """The `Routing`s of a block's two routers."""
     M = tokens * config.num_experts_per_tok
-    return tokens * config.hidden_size * dtype_bytes + 2 * (tokens * config.num_local_experts * 8 + M * 8)
+    return 2 * (tokens * config.num_local_experts * 8 + M * (32 + dtype_bytes) + tokens * 4)
+
+
+def _checkpointed_block_bytes(config: JetMoeConfig, tokens: int, dtype_bytes: int) -> int:
+    """A checkpointed block keeps its input and its routers' `Routing`s."""
+    return tokens * config.hidden_size * dtype_bytes + _router_bytes(config, tokens, dtype_bytes)
 
 
 def _head_bytes(config: JetMoeConfig, tokens: int, dtype_bytes: int, skip_logits: bool) -> int:
@@ -95,7 +102,7 @@ def _head_bytes(config: JetMoeConfig, tokens: int, dtype_bytes: int, skip_logits
 
 def checkpointed_blocks(num_layers: int, activation_checkpointing: str) -> int:
     """How many blocks `parallelize_jetmoe` checkpoints: all ("full"), blocks 0, 2, 4, ... ("selective")."""
-    _check_choice("activation_checkpointing", activation_checkpointing, ACTIVATION_CHECKPOINTING)
+    check_choice("activation_checkpointing", activation_checkpointing, ACTIVATION_CHECKPOINTING)
     return {"none": 0, "full": num_layers, "selective": (num_layers + 1) // 2}[activation_checkpointing]
 
 
@@ -145,11 +152,11 @@ def estimate(
     """Per-device memory (GB), whether it fits, gradient-accumulation steps and throughput of an FSDP2 run.
 
     `peak_tflops`: dense bf16 peak of one device (H100 SXM: 989). Memory formulas: module docstring."""
-    _check_choice("precision", precision, PRECISIONS)
+    check_choice("precision", precision, PRECISIONS)
     for name, value in (("seq_len", seq_len), ("global_batch_tokens", global_batch_tokens),
                         ("micro_batch_size", micro_batch_size), ("gpus", gpus)):
         if value < 1:
-            raise ValueError(f"{name} must be >= 1, got {value}")
+            raise ConfigError(f"{name} must be >= 1, got {value}")
     counts = config.num_parameters()
     p_bytes, g_bytes, o_bytes = STATE_BYTES[precision]
     s = ACTIVATION_DTYPE_BYTES[precision]

@@ -22,7 +22,8 @@ from lightning.fabric.utilities.types import _PATH
 from lightning.pytorch.plugins.precision import Precision
 from lightning.pytorch.strategies import ModelParallelStrategy
 
-from jetmoe.distributed.checkpoint import hidden_sibling, replace_dir, resolve_checkpoint
+from jetmoe.distributed.checkpoint import resolve_checkpoint
+from jetmoe.files import hidden_sibling, replace_dir
 
 
 class FSDP2Strategy(ModelParallelStrategy):

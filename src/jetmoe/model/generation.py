@@ -8,14 +8,11 @@ Batches may be left-padded (pass `attention_mask`); position ids then count real
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import TYPE_CHECKING
 
 import torch
+from torch import nn
 
-from jetmoe.model.attention import DynamicKVCache, StaticKVCache
-
-if TYPE_CHECKING:
-    from jetmoe.model.transformer import JetMoeForCausalLM
+from jetmoe.model.cache import DynamicKVCache, StaticKVCache
 
 
 def _filter_logits(logits_BV: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -30,6 +27,16 @@ def _filter_logits(logits_BV: torch.Tensor, top_k: int | None, top_p: float | No
     return logits_BV
 
 
+def check_sampling(do_sample: bool, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """ValueError naming the first sampling argument out of its range."""
+    if do_sample and not temperature > 0:
+        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k must be >= 0 (0 or None: no top-k filter), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p must be in (0, 1] (1 or None: no nucleus filter), got {top_p}")
+
+
 def next_token(
     logits_BV: torch.Tensor,
     do_sample: bool = False,
@@ -41,16 +48,15 @@ def next_token(
     """Pick one token per row: argmax, or a sample from the filtered, tempered distribution."""
     if not do_sample:
         return logits_BV.argmax(-1)
-    if temperature <= 0:
-        raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
     probs_BV = _filter_logits(logits_BV.float() / temperature, top_k, top_p).softmax(-1)
     return torch.multinomial(probs_BV, 1, generator=generator).squeeze(-1)
 
 
-def _decode_step(model, ids_B1, position_B1, cache, cache_position_1, mask_BS):
+def decode_step(model, ids_BT, position_BT, cache, cache_position_T, mask_BS):
+    """Logits `[B, V]` of the last position; the cache takes the new keys and values."""
     out = model(
-        input_ids=ids_B1, attention_mask=mask_BS, position_ids=position_B1, cache=cache,
-        cache_position=cache_position_1, use_cache=True, logits_to_keep=1,
+        input_ids=ids_BT, attention_mask=mask_BS, position_ids=position_BT, past_key_values=cache,
+        cache_position=cache_position_T, use_cache=True, logits_to_keep=1,
     )
     return out.logits[:, -1]
 
@@ -59,11 +65,11 @@ def _compiled_decode_step(device: torch.device):
     """The single-token step compiled once per shape. On CPU the compiled wrapper is C++ (`cpp_wrapper`): a
     decode step is a few dozen small kernels, and their Python launch overhead is a visible share of it."""
     options = {"cpp_wrapper": True} if device.type == "cpu" else None
-    return torch.compile(_decode_step, fullgraph=True, dynamic=False, options=options)
+    return torch.compile(decode_step, fullgraph=True, dynamic=False, options=options)
 
 
 def generate(
-    model: "JetMoeForCausalLM",
+    model: nn.Module,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor | None = None,
     max_new_tokens: int = 20,
@@ -85,6 +91,7 @@ def generate(
         raise ValueError(f"input_ids must be a non-empty [batch, length] tensor, got shape {list(input_ids.shape)}")
     if max_new_tokens < 0:
         raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    check_sampling(do_sample, temperature, top_k, top_p)
     config = model.config
     B, T = input_ids.shape
     total = T + max_new_tokens
@@ -116,10 +123,10 @@ def generate(
         cache = StaticKVCache(config, B, total, device, model.dtype)
     else:
         cache = DynamicKVCache(config.num_hidden_layers)
-    step = _compiled_decode_step(device) if compile else _decode_step
+    step = _compiled_decode_step(device) if compile else decode_step
 
     # Prefill the prompt.
-    logits_BV = _decode_step(
+    logits_BV = decode_step(
         model, input_ids, position_BS[:, :T], cache, torch.arange(T, device=device),
         mask_BS if static_cache else mask_BS[:, :T] if attention_mask is not None else None,
     )

@@ -37,18 +37,16 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from jetmoe.config import JetMoeConfig
+from jetmoe.config import PRECISIONS, JetMoeConfig
 from jetmoe.data.config import DataConfig, validate_data_config
+from jetmoe.errors import ConfigError, MissingFileError
 
 SCHEDULES = ("wsd", "cosine", "constant")
 STRATEGIES = ("auto", "ddp", "fsdp")
-PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")
+ON_NONFINITE = ("stop", "skip")
 CLI_SOURCE = "command line"
 MISSING_VALUE = "???"  # omegaconf's marker for a required value
-
-
-class ConfigError(ValueError):
-    """A user-facing configuration error; ``str(err)`` is one line naming the file and key."""
+RUN_CONFIG = "config.yaml"  # the resolved config a run directory holds
 
 
 #: JetMoeConfig fields an experiment does not set: inference switches, classification heads, the HF v5 spelling
@@ -95,7 +93,7 @@ ModelConfig = _model_config_class()
 BUILD_FIELDS = ("init_from", "gradient_checkpointing")
 #: JetMoeConfig fields a fine-tune may change; the others are fixed by the pretrained weights.
 TRAINING_FIELDS = (
-    "aux_loss_coef", "router_z_loss_coef", "aux_loss_per_router", "attention_dropout", "expert_impl"
+    "aux_loss_coef", "router_z_loss_coef", "aux_loss_per_router", "attention_dropout", "kernels", "expert_impl"
 )
 
 
@@ -205,6 +203,14 @@ def from_dict(raw: dict[str, Any], source: str = "checkpoint") -> ExperimentConf
     return _finalize(_merge(OmegaConf.structured(ExperimentConfig), raw, source))
 
 
+def load_run_config(run_dir: str | Path) -> ExperimentConfig:
+    """The resolved config of a run directory written by ``jetmoe train`` (its ``config.yaml``)."""
+    path = Path(run_dir) / RUN_CONFIG
+    if not path.is_file():
+        raise MissingFileError(f"{path}: missing (expected a run directory written by jetmoe train)")
+    return from_dict(read_yaml(path), source=display_path(path))
+
+
 def to_dict(cfg: ExperimentConfig) -> dict[str, Any]:
     """The config as plain Python containers (for ``save_hyperparameters`` and JSON)."""
     return OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
@@ -228,7 +234,7 @@ def _adopt_pretrained_architecture(model: DictConfig) -> None:
     try:
         raw = json.loads(config_file.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise FileNotFoundError(f"model.init_from: {config_file} not found (expected an HF model directory)") from None
+        raise MissingFileError(f"model.init_from: {config_file} not found (expected an HF model directory)") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as err:
         raise ConfigError(f"model.init_from: {config_file} is not valid JSON: {err}") from None
     try:
@@ -253,7 +259,7 @@ def read_yaml(path: Path) -> dict[str, Any]:
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise FileNotFoundError(f"config file not found: {path}") from None
+        raise MissingFileError(f"config file not found: {path}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{display_path(path)}: not a UTF-8 text file") from None
     try:
@@ -388,9 +394,6 @@ def validate(cfg: ExperimentConfig) -> None:
 
 def _problems(cfg: ExperimentConfig) -> Iterator[str]:
     m, o, t, r = cfg.model, cfg.optim, cfg.trainer, cfg.run
-    if m.num_experts_per_tok > m.num_local_experts:
-        yield (f"model.num_experts_per_tok ({m.num_experts_per_tok}) must be <= "
-               f"model.num_local_experts ({m.num_local_experts})")
     try:
         build_model_config(m)
     except ValueError as err:
@@ -402,8 +405,8 @@ def _problems(cfg: ExperimentConfig) -> Iterator[str]:
     if cfg.data.seq_len > m.max_position_embeddings:
         yield (f"data.seq_len ({cfg.data.seq_len}) must be <= "
                f"model.max_position_embeddings ({m.max_position_embeddings})")
-    if o.on_nonfinite not in ("stop", "skip"):
-        yield f"optim.on_nonfinite must be 'stop' or 'skip', got {o.on_nonfinite!r}"
+    if o.on_nonfinite not in ON_NONFINITE:
+        yield f"optim.on_nonfinite must be one of {', '.join(ON_NONFINITE)}, got {o.on_nonfinite!r}"
     if o.schedule not in SCHEDULES:
         yield f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}"
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):

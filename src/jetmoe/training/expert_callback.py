@@ -1,8 +1,8 @@
 """Lightning callback that logs expert utilization, plus the end-of-run report (JSON, CSV, terminal table).
 
 The LightningModule's ``training_step`` / ``validation_step`` must return
-``{"loss": ..., "router_logits": tuple of detached [N, E] tensors, "router_mask": [N] bool | None}``;
-batches without ``router_logits`` are skipped.
+``{"loss": ..., "routings": the model's routings (detached), "token_mask": [N] bool | None}``;
+batches without ``routings`` are skipped.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 
+from jetmoe.errors import MissingFileError, UserError
 from jetmoe.training.expert_metrics import ROUTER_KINDS, SUMMARY_KEYS, RouterUtilization, router_names
 
 REPORT_JSON = "expert_utilization.json"
@@ -158,14 +159,14 @@ class ExpertUtilizationCallback(L.Callback):
     # ---- helpers -------------------------------------------------------------------------------------
 
     def _update(self, metric: RouterUtilization, pl_module: L.LightningModule, outputs) -> None:
-        router_logits = outputs.get("router_logits") if isinstance(outputs, Mapping) else None
-        if router_logits is None:
+        routings = outputs.get("routings") if isinstance(outputs, Mapping) else None
+        if routings is None:
             return
         if self._device != pl_module.device:
             self._device = pl_module.device
             for each in (self.window, self.total, self.val):
                 each.to(self._device)
-        metric.update(router_logits, outputs.get("router_mask"))
+        metric.update(routings, outputs.get("token_mask"))
 
     def _heatmap_due(self, step: int) -> bool:
         """True for the first logged window at or after each multiple of ``heatmap_every_n_steps``."""
@@ -296,7 +297,7 @@ def find_report(run_dir: str | os.PathLike) -> Path:
         return run_dir / REPORT_JSON
     found = sorted(run_dir.rglob(REPORT_JSON), key=lambda path: path.stat().st_mtime)
     if not found:
-        raise FileNotFoundError(f"no {REPORT_JSON} in {run_dir}")
+        raise MissingFileError(f"no {REPORT_JSON} in {run_dir} (expected a run directory written by jetmoe train)")
     return found[-1]
 
 
@@ -317,7 +318,7 @@ def format_report(
     path = find_report(run_dir)
     report = json.loads(path.read_text())
     if scope not in report["scopes"]:
-        raise ValueError(f"scope {scope!r} not in {path} (has {report['scopes']})")
+        raise UserError(f"scope {scope!r} not in {path} (has {report['scopes']})")
     routers = report["routers"]
     lines = [
         f"expert utilization ({scope}) from {path}",

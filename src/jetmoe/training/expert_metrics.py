@@ -1,7 +1,8 @@
 """Expert-utilization statistics for JetMoE routers (MoA and MoE, one top-k router each per layer).
 
-Inputs are the router logits the model already returns: a sequence of R = 2*L fp32 tensors
-``[N, E]`` ordered (layer0 MoA, layer0 MoE, layer1 MoA, ...), plus an optional token mask ``[N]``.
+Inputs are the `jetmoe.model.Routing` results the model already returns (`out.routings`: the chosen experts and
+the router probabilities, computed once by the router and shared with the auxiliary losses), R = 2·L of them ordered
+(layer0 MoA, layer0 MoE, layer1 MoA, ...), plus an optional token mask ``[N]``.
 
 Definitions (per router, over the tokens seen since the last reset):
 
@@ -16,8 +17,8 @@ Definitions (per router, over the tokens seen since the last reset):
 * ``top1_top2_ratio``  mean over tokens of p_top2 / p_top1 (full-softmax probabilities): how
   decisive the router is; 1 = the two best experts weighted equally, -> 0 = decisive. It always
   uses the second-largest probability, also for k = 1; with E = 1 there is no second expert and it is 0.
-* ``balance_loss``  E * sum_e load[e] * prob[e], the per-router Switch/Mixtral load-balancing term
-  (1 for perfectly balanced routing). HF Mixtral's ``load_balancing_loss_func`` equals ~k times this.
+* ``balance_loss``  the router's own load-balancing loss (`jetmoe.losses.load_balancing_per_router` of its token
+  and probability shares): k for perfectly balanced routing, as in training.
 
 With no tokens, every statistic is 0.
 """
@@ -30,6 +31,9 @@ from collections.abc import Sequence
 import torch
 import torchmetrics
 from torch import Tensor
+
+from jetmoe.losses import load_balancing_per_router
+from jetmoe.model import Routing
 
 ROUTER_KINDS = ("moa", "moe")
 SUMMARY_KEYS = (
@@ -58,40 +62,36 @@ _STATES = {
 
 
 def router_names(num_layers: int) -> list[str]:
-    """``["moa/layer_0", "moe/layer_0", "moa/layer_1", ...]``, the order of ``router_logits``."""
+    """``["moa/layer_0", "moe/layer_0", "moa/layer_1", ...]``, the order of the model's routings."""
     return [f"{kind}/layer_{layer}" for layer in range(num_layers) for kind in ROUTER_KINDS]
 
 
-def routing_sums(logits_REN: Tensor, top_k: int, mask_N: Tensor | None = None) -> dict[str, Tensor]:
-    """Per-router sums over the (unmasked) tokens of one batch; keys as in ``_STATES``. No host sync.
-
-    ``logits_REN`` is ``[routers, experts, tokens]``: reductions over the expert dim then vectorise
-    over tokens, which is ~15x faster on CPU than softmax over a last dim of size E.
-    """
-    num_routers, num_experts, num_tokens = logits_REN.shape
-    logits_REN = logits_REN.float()
+def routing_sums(routings: Sequence[Routing], mask_N: Tensor | None = None) -> dict[str, Tensor]:
+    """Per-router sums over the (unmasked) tokens of one batch; keys as in ``_STATES``. No host sync."""
+    first = routings[0]
+    num_tokens, num_experts = first.logits_NE.shape
+    device = first.logits_NE.device
     if mask_N is None:
-        mask_N = torch.ones(num_tokens, dtype=torch.bool, device=logits_REN.device)
-    mask_N = mask_N.to(device=logits_REN.device, dtype=torch.bool)
-    weight_N = mask_N.to(logits_REN.dtype)
-
-    logp_REN = logits_REN.log_softmax(1)
-    probs_REN = logp_REN.exp()
-    entropy_RN = -(probs_REN * logp_REN).sum(1)
-
-    top_p_RNK, top_idx_RNK = probs_REN.transpose(1, 2).topk(min(max(top_k, 2), num_experts), dim=-1)
-    top1_p_RN = top_p_RNK[..., 0]
-    top2_p_RN = top_p_RNK[..., 1] if num_experts > 1 else torch.zeros_like(top1_p_RN)
-
-    mask_long_N = mask_N.long()
-    assign_RM = top_idx_RNK[..., :top_k].reshape(num_routers, -1)
-    assign_weight_RM = mask_long_N.repeat_interleave(top_k).expand_as(assign_RM)
-    zeros_RE = torch.zeros(num_routers, num_experts, dtype=torch.int64, device=logits_REN.device)
+        mask_N = torch.ones(num_tokens, dtype=torch.bool, device=device)
+    weight_N = mask_N.reshape(-1).to(device=device, dtype=torch.float32)
+    assigned, prob_sums = zip(*(routing.expert_sums(weight_N) for routing in routings))
+    probs_RNE = torch.stack([routing.probs_NE for routing in routings])
+    experts_RNk = torch.stack([routing.experts_Nk for routing in routings])
+    entropy_RN = -torch.special.xlogy(probs_RNE, probs_RNE).sum(-1)
+    if first.top_k >= 2 or num_experts == 1:  # the two best are the first two chosen (descending order)
+        top_p_RNk = probs_RNE.gather(-1, experts_RNk[..., :2])
+    else:
+        top_p_RNk = probs_RNE.topk(2, dim=-1).values
+    top1_p_RN = top_p_RNk[..., 0]
+    top2_p_RN = top_p_RNk[..., 1] if num_experts > 1 else torch.zeros_like(top1_p_RN)
+    top1_RE = torch.zeros(len(routings), num_experts, device=device).scatter_add_(
+        1, experts_RNk[..., 0], weight_N.expand(len(routings), -1)
+    )
     return {
-        "topk_count_RE": zeros_RE.scatter_add(1, assign_RM, assign_weight_RM),
-        "top1_count_RE": zeros_RE.scatter_add(1, top_idx_RNK[..., 0], mask_long_N.expand(num_routers, -1)),
-        "prob_sum_RE": probs_REN @ weight_N,
-        "tokens_R": mask_long_N.sum().expand(num_routers),
+        "topk_count_RE": torch.stack(assigned).round().long(),
+        "top1_count_RE": top1_RE.round().long(),
+        "prob_sum_RE": torch.stack(prob_sums).double(),
+        "tokens_R": mask_N.long().sum().expand(len(routings)),
         "entropy_sum_R": entropy_RN @ weight_N,
         "top1_prob_sum_R": top1_p_RN @ weight_N,
         "top2_prob_sum_R": top2_p_RN @ weight_N,
@@ -126,7 +126,7 @@ def utilization_stats(sums: dict[str, Tensor], top_k: int, dead_threshold: float
         "top1_top2_ratio": sums["ratio_sum_R"] / denom_R1[:, 0],
         "top1_prob": sums["top1_prob_sum_R"] / denom_R1[:, 0],
         "top2_prob": sums["top2_prob_sum_R"] / denom_R1[:, 0],
-        "balance_loss": num_experts * (load_RE * prob_RE).sum(-1),
+        "balance_loss": load_balancing_per_router(top_k * load_RE, prob_RE),
     }
     stats = {name: value.float() for name, value in stats.items()}
     stats["tokens"] = sums["topk_count_RE"].clone()
@@ -150,22 +150,17 @@ class RouterUtilization(torchmetrics.Metric):
 
     def __init__(self, num_routers: int, num_experts: int, top_k: int, dead_threshold: float = 0.1, **kwargs):
         super().__init__(**kwargs)
-        if not 1 <= top_k <= num_experts:
-            raise ValueError(f"top_k must be in [1, num_experts={num_experts}], got {top_k}")
         self.num_routers, self.num_experts, self.top_k = num_routers, num_experts, top_k
         self.dead_threshold = dead_threshold
         for name, (shape, dtype) in _STATES.items():
             size = (num_routers, num_experts) if shape == "RE" else (num_routers,)
             self.add_state(name, default=torch.zeros(size, dtype=dtype), dist_reduce_fx="sum")
 
-    def update(self, router_logits: Sequence[Tensor], mask: Tensor | None = None) -> None:
-        """Add one batch: ``router_logits`` is R tensors ``[N, E]``; ``mask`` ``[N]`` is True for real tokens."""
-        if len(router_logits) != self.num_routers:
-            raise ValueError(f"expected {self.num_routers} router logit tensors, got {len(router_logits)}")
-        logits_REN = torch.stack([logits_NE.t() for logits_NE in router_logits])
-        if mask is not None:
-            mask = mask.reshape(-1)
-        for name, value in routing_sums(logits_REN, self.top_k, mask).items():
+    def update(self, routings: Sequence[Routing], mask: Tensor | None = None) -> None:
+        """Add one batch: R routings of N tokens; ``mask`` ``[N]`` is True for real tokens."""
+        if len(routings) != self.num_routers:
+            raise ValueError(f"expected {self.num_routers} routings, got {len(routings)}")
+        for name, value in routing_sums(routings, mask).items():
             # out of place: under ddp_spawn on CPU the states arrive in memory shared by all ranks
             state = getattr(self, name)
             setattr(self, name, state + value.to(state.dtype))

@@ -10,8 +10,8 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from jetmoe import JetMoeForCausalLM
-from jetmoe.model.layers import packed_causal_mask
+from jetmoe import JetMoeForCausalLM, load_pretrained
+from jetmoe.model import packed_causal_mask
 from jetmoe.training.config import TRAINING_FIELDS, ExperimentConfig, build_model_config, from_dict, to_dict
 from jetmoe.training.optim import build_optimizer
 
@@ -21,7 +21,7 @@ THROUGHPUT_WINDOW = 20  # micro-batches averaged into train/tokens_per_sec
 class JetMoeLitModule(L.LightningModule):
     """Causal-LM training of JetMoE: loss = CE + aux_loss_coef * load balance + router_z_loss_coef * z-loss.
 
-    ``training_step`` / ``validation_step`` return ``{"loss", "router_logits", "router_mask"}`` for
+    ``training_step`` / ``validation_step`` return ``{"loss", "routings", "token_mask"}`` for
     :class:`jetmoe.training.expert_callback.ExpertUtilizationCallback`.
     """
 
@@ -56,7 +56,7 @@ class JetMoeLitModule(L.LightningModule):
             return
         if m.init_from:
             overrides = {k: getattr(m, k) for k in TRAINING_FIELDS}
-            model = JetMoeForCausalLM.from_pretrained(m.init_from, **overrides)
+            model = load_pretrained(m.init_from, **overrides)
         else:
             model = JetMoeForCausalLM(build_model_config(m))
         if m.gradient_checkpointing:
@@ -73,14 +73,13 @@ class JetMoeLitModule(L.LightningModule):
             attention_mask=mask,
             position_ids=position_ids,
             labels=batch["labels"],
-            output_router_logits=True,
             use_cache=False,
-            skip_logits=True,  # CE fused with the LM head: the [B, T, V] logits are never materialised
+            skip_logits=True,  # CE fused with the LM head (validation too): the [B, T, V] logits never exist
         )
 
     @staticmethod
     def _expert_outputs(loss: torch.Tensor, out) -> dict[str, Any]:
-        return {"loss": loss, "router_logits": tuple(t.detach() for t in out.router_logits), "router_mask": None}
+        return {"loss": loss, "routings": tuple(r.detach() for r in out.routings), "token_mask": None}
 
     # ------------------------------------------------------------------ training
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> dict[str, Any]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +12,18 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from jetmoe.errors import InputFileError, MissingFileError, RunFailure, check_choice
+from jetmoe.files import atomic_write
+from jetmoe.training.config import ON_NONFINITE
+
 log = logging.getLogger("jetmoe.train")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(InputFileError):
     """A checkpoint file that cannot be read."""
 
 
-class NonFiniteError(RuntimeError):
+class NonFiniteError(RunFailure):
     """A loss term or the gradients became NaN/Inf and the run was configured to stop."""
 
 
@@ -42,17 +45,10 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     def save_checkpoint(self, checkpoint: dict[str, Any], path, storage_options: Any = None) -> None:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         try:
-            with open(tmp, "wb") as f:
-                torch.save(checkpoint, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
+            atomic_write(path, lambda tmp: torch.save(checkpoint, tmp))
         except OSError as err:
-            raise OSError(f"could not write checkpoint {path}: {err.strerror or err}; the previous one is kept") from None
-        finally:
-            tmp.unlink(missing_ok=True)
+            raise RunFailure(f"could not write checkpoint {path}: {err.strerror or err}; the previous one is kept") from None
 
     def load_checkpoint(self, path, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         return read_checkpoint(path, map_location or "cpu")
@@ -72,7 +68,7 @@ def resumable_checkpoint(checkpoint_dir: Path, preferred: str = "last.ckpt") -> 
             return path
         except CheckpointError as err:
             log.warning("%s; trying an older checkpoint", err)
-    raise FileNotFoundError(f"--resume: no readable checkpoint in {checkpoint_dir}")
+    raise MissingFileError(f"--resume: no readable checkpoint in {checkpoint_dir}")
 
 
 class NonFiniteGuard(L.Callback):
@@ -83,8 +79,7 @@ class NonFiniteGuard(L.Callback):
     """
 
     def __init__(self, action: str = "stop") -> None:
-        if action not in ("stop", "skip"):
-            raise ValueError(f"optim.on_nonfinite must be 'stop' or 'skip', got {action!r}")
+        check_choice("optim.on_nonfinite", action, ON_NONFINITE)
         self.action = action
         self.skipped_steps: list[int] = []
 

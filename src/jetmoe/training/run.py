@@ -13,6 +13,7 @@ A run directory ``<run.output_dir>/<run.name>/`` holds::
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import json
 import math
@@ -26,17 +27,20 @@ import numpy as np
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
-from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
-from jetmoe import JetMoeForCausalLM
+from jetmoe import JetMoeForCausalLM, load_pretrained, save_pretrained
+from jetmoe.errors import ConfigError, MissingFileError, UserError
+from jetmoe.files import atomic_write_text
 from jetmoe.data.config import DataConfig
 from jetmoe.data.datamodule import JetMoeDataModule
 from jetmoe.data.packing import document_position_ids, encode_documents
 from jetmoe.data.sources import read_files, resolve_files
 from jetmoe.data.tokenizer import read_tokenizer
 from jetmoe.training.callbacks import ProgressLog, ValidateOnLastStep
-from jetmoe.training.config import ConfigError, ExperimentConfig, build_model_config, to_yaml
+from jetmoe.training.config import (
+    RUN_CONFIG, TRAINING_FIELDS, ExperimentConfig, build_model_config, load_run_config, to_yaml,
+)
 from jetmoe.training.expert_callback import ExpertUtilizationCallback
 from jetmoe.training.host_memory import retain_freed_memory
 from jetmoe.distributed import save_hf
@@ -64,7 +68,7 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     trainer = _build_trainer(cfg, run_dir)  # first: rejects unsupported settings before anything is written
     if cfg.trainer.retain_host_memory:
         retain_freed_memory()
-    _prepare_run_dir(run_dir, last_ckpt, resume, to_yaml(cfg))
+    _prepare_run_dir(run_dir, last_ckpt, resume, cfg)
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
 
     m = cfg.model
@@ -96,26 +100,38 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         return summary
     export(None if sharded else module.model, data.tokenizer_path, run_dir / HF_EXPORT)
     metrics = _final_metrics(trainer, module, wall_time)
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
+    atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     summary["metrics"] = metrics
     if cfg.run.sample_tokens:
-        model = load_pretrained(run_dir)[0] if sharded else module.model  # sharded weights: use the export
+        model = load_run_model(run_dir)[0] if sharded else module.model  # sharded weights: use the export
         summary["sample"] = sample(model, data.tokenizer, cfg.run.sample_prompt, cfg.run.sample_tokens, seed=cfg.run.seed)
     return summary
 
 
-def _prepare_run_dir(run_dir: Path, last_ckpt: Path, resume: bool, config_yaml: str) -> None:
+def _prepare_run_dir(run_dir: Path, last_ckpt: Path, resume: bool, cfg: ExperimentConfig) -> None:
     if resume and not any(last_ckpt.parent.glob("*.ckpt")):
-        raise FileNotFoundError(f"--resume: no checkpoint in {last_ckpt.parent}")
+        raise MissingFileError(f"--resume: no checkpoint in {last_ckpt.parent}")
     if not resume and last_ckpt.exists():
-        raise FileExistsError(
+        raise UserError(
             f"{run_dir} already holds a run: pass --resume to continue it, or choose another run.name / run.output_dir"
         )
+    if resume and (run_dir / RUN_CONFIG).is_file():
+        _check_same_architecture(load_run_config(run_dir), cfg, run_dir)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(config_yaml)
+        atomic_write_text(run_dir / RUN_CONFIG, to_yaml(cfg))
     except OSError as err:
-        raise OSError(f"cannot write the run directory {run_dir}: {err.strerror or err}") from None
+        raise UserError(f"cannot write the run directory {run_dir}: {err.strerror or err}") from None
+
+
+def _check_same_architecture(saved: ExperimentConfig, cfg: ExperimentConfig, run_dir: Path) -> None:
+    """--resume continues the checkpoint's weights: every model field but the training ones must be the same."""
+    for key in dataclasses.asdict(cfg.model):
+        if key not in TRAINING_FIELDS and getattr(saved.model, key) != getattr(cfg.model, key):
+            raise ConfigError(
+                f"--resume: model.{key} is {getattr(cfg.model, key)!r}, but the run in {run_dir} was trained with "
+                f"{getattr(saved.model, key)!r} (its checkpoints have that architecture)"
+            )
 
 
 def _build_trainer(cfg: ExperimentConfig, run_dir: Path) -> L.Trainer:
@@ -197,22 +213,24 @@ def export(model: JetMoeForCausalLM | None, tokenizer_path: str | Path, hf_dir: 
     """Write the HF-format model (config.json, model.safetensors; skipped for None, already exported by
     `jetmoe.distributed.save_hf` under FSDP) plus its tokenizer.json."""
     if model is not None:
-        model.save_pretrained(hf_dir)
+        save_pretrained(model, hf_dir)
     shutil.copyfile(tokenizer_path, hf_dir / TOKENIZER_FILE)
 
 
 # ----------------------------------------------------------------------------- generation / evaluation
 
 
-def load_pretrained(path: str | Path) -> tuple[JetMoeForCausalLM, Tokenizer]:
+def load_run_model(path: str | Path) -> tuple[JetMoeForCausalLM, Tokenizer]:
     """Model and tokenizer from a run directory (its ``hf/``) or an HF model directory."""
     path = Path(path)
     hf_dir = path / HF_EXPORT if (path / HF_EXPORT / "config.json").is_file() else path
     if not (hf_dir / "config.json").is_file():
-        raise FileNotFoundError(f"{path} is neither a run directory (with {HF_EXPORT}/) nor a model directory (with config.json)")
+        raise MissingFileError(
+            f"{path} is neither a run directory (with {HF_EXPORT}/) nor a model directory (with config.json)"
+        )
     if not (hf_dir / TOKENIZER_FILE).is_file():
-        raise FileNotFoundError(f"{hf_dir} has no {TOKENIZER_FILE}")
-    model = JetMoeForCausalLM.from_pretrained(hf_dir)
+        raise MissingFileError(f"{hf_dir} has no {TOKENIZER_FILE}")
+    model = load_pretrained(hf_dir)
     return model.eval(), read_tokenizer(hf_dir / TOKENIZER_FILE)
 
 
@@ -228,12 +246,16 @@ def sample(
     top_p: float | None = None,
     do_sample: bool = True,
     seed: int = 0,
+    compile: bool = False,
 ) -> str:
-    """``prompt`` followed by up to ``max_new_tokens`` generated tokens (stops at EOS), as text."""
+    """``prompt`` followed by up to ``max_new_tokens`` generated tokens (stops at EOS), as text. ``compile``: a
+    static KV cache and a compiled decode step (see `jetmoe.model.generation.generate`)."""
     ids = tokenizer.encode(prompt, add_special_tokens=False).ids or [model.config.eos_token_ids[0]]
     room = model.config.max_position_embeddings - len(ids)
     if room <= 0:
-        raise ValueError(f"the prompt is {len(ids)} tokens, max_position_embeddings is {model.config.max_position_embeddings}")
+        raise UserError(
+            f"--prompt is {len(ids)} tokens; the model's max_position_embeddings is {model.config.max_position_embeddings}"
+        )
     was_training = model.training
     model.eval()
     out = model.generate(
@@ -244,6 +266,8 @@ def sample(
         top_k=top_k,
         top_p=top_p,
         generator=torch.Generator(model.device).manual_seed(seed),
+        static_cache=compile,
+        compile=compile,
     )
     model.train(was_training)
     return tokenizer.decode(out[0].tolist(), skip_special_tokens=True)
@@ -251,7 +275,7 @@ def sample(
 
 def generate(path: str | Path, prompt: str, max_new_tokens: int = 200, **sampling: Any) -> str:
     """Generate text from a run directory or an HF model directory; ``sampling`` as in :func:`sample`."""
-    model, tokenizer = load_pretrained(path)
+    model, tokenizer = load_run_model(path)
     return sample(model, tokenizer, prompt, max_new_tokens, **sampling)
 
 
@@ -265,15 +289,15 @@ def evaluate(
     cut into windows of ``seq_len`` tokens (default: the run's ``data.seq_len``, else the model's
     ``max_position_embeddings``); every token but a window's first is scored once.
     """
-    model, tokenizer = load_pretrained(path)
+    model, tokenizer = load_run_model(path)
     seq_len = seq_len or _training_seq_len(Path(path)) or model.config.max_position_embeddings
     if not 2 <= seq_len <= model.config.max_position_embeddings:
-        raise ValueError(f"--seq-len must be in [2, {model.config.max_position_embeddings}], got {seq_len}")
+        raise UserError(f"--seq-len must be in [2, {model.config.max_position_embeddings}], got {seq_len}")
     if batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {batch_size}")
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     missing = [f for f in files if not glob.has_magic(f) and not Path(f).expanduser().exists()]
     if missing:
-        raise FileNotFoundError(f"file not found: {missing[0]}")
+        raise MissingFileError(f"file not found: {missing[0]}")
     data = DataConfig()
     docs = read_files(resolve_files(files), data.text_field, data.text_split, data.cache_dir)
     eos = model.config.eos_token_ids[0]
@@ -295,8 +319,5 @@ def evaluate(
 
 
 def _training_seq_len(path: Path) -> int | None:
-    """``data.seq_len`` from a run directory's config.yaml, if ``path`` is one."""
-    config_file = path / "config.yaml"
-    if not config_file.is_file():
-        return None
-    return OmegaConf.load(config_file).get("data", {}).get("seq_len")
+    """``data.seq_len`` of a run directory's config, if ``path`` is one."""
+    return load_run_config(path).data.seq_len if (path / RUN_CONFIG).is_file() else None

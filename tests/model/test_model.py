@@ -3,10 +3,10 @@ model's own contracts."""
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from hf_reference import hf_twin
 from jetmoe import JetMoeConfig, JetMoeForCausalLM, JetMoeForSequenceClassification, JetMoeModel
-from jetmoe.losses import load_balancing_loss
 
 ATOL = 1e-5
 
@@ -20,8 +20,9 @@ def _padded_batch(pad_id: int, left: bool):
     return ids, mask
 
 
-def test_causal_lm_matches_transformers(tiny_config, device):
-    model = JetMoeForCausalLM(tiny_config).to(device).eval()
+@pytest.mark.parametrize("kernels", ["fused", "reference"])
+def test_causal_lm_matches_transformers(tiny_config, device, kernels):
+    model = JetMoeForCausalLM(tiny_config.replace(kernels=kernels)).to(device).eval()
     hf = hf_twin(model).to(device)
     ids = torch.randint(0, 128, (2, 16), device=device)
     atol = ATOL if device.type == "cpu" else 1e-4  # CUDA kernels sum in other orders
@@ -41,6 +42,23 @@ def test_causal_lm_matches_transformers(tiny_config, device):
         torch.testing.assert_close(a, b, atol=atol, rtol=0)
 
 
+@pytest.mark.parametrize("kernels", ["fused", "reference"])
+def test_training_loss_and_gradients_match_transformers(tiny_config, kernels):
+    """The default training call (`model(ids, labels=ids)` in train mode: the fused LM-head loss) against
+    transformers' training forward with its load-balancing loss."""
+    model = JetMoeForCausalLM(tiny_config.replace(kernels=kernels)).train()
+    hf = hf_twin(model).train()
+    ids = torch.randint(0, 128, (2, 16))
+    ours = model(ids, labels=ids)
+    theirs = hf(ids, labels=ids, output_router_logits=True)
+    torch.testing.assert_close(ours.loss, theirs.loss, atol=ATOL, rtol=0)
+    ours.loss.backward()
+    theirs.loss.backward()
+    hf_params = dict(hf.named_parameters())
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(p.grad, hf_params[name].grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
 @pytest.mark.parametrize("left", [True, False], ids=["left-pad", "right-pad"])
 def test_padded_batch_matches_transformers(tiny_config, left):
     model = JetMoeForCausalLM(tiny_config).eval()
@@ -48,7 +66,7 @@ def test_padded_batch_matches_transformers(tiny_config, left):
     ids, mask = _padded_batch(tiny_config.pad_token_id, left)
     # A label counts only when the position predicting it is a real token too (padding positions' logits are
     # arbitrary in both libraries).
-    predictor_is_pad = torch.nn.functional.pad(mask, (1, 0))[:, :-1] == 0
+    predictor_is_pad = F.pad(mask, (1, 0))[:, :-1] == 0
     labels = ids.masked_fill((mask == 0) | predictor_is_pad, -100)
     with torch.no_grad():
         ours = model(ids, attention_mask=mask, labels=labels, output_router_logits=True)
@@ -94,14 +112,23 @@ def test_z_loss_enters_the_total(tiny_config):
     torch.testing.assert_close(out.loss, out.ce_loss + 0.01 * out.aux_loss + 0.5 * out.z_loss)
 
 
+def _balancing_from_logits(router_logits, k):
+    """Per router from its logits alone: f = share of the top-k assignments (summing to k), P = mean probability."""
+    E = router_logits[0].shape[-1]
+    f = torch.stack([F.one_hot(r.topk(k).indices, E).sum(1).float().mean(0) for r in router_logits])
+    P = torch.stack([r.softmax(-1).mean(0) for r in router_logits])
+    return f, P
+
+
 def test_per_router_aux_loss_option(tiny_config):
     torch.manual_seed(0)
     model = JetMoeForCausalLM(tiny_config.replace(aux_loss_per_router=True)).train()
     ids = torch.randint(0, 128, (2, 8))
     out = model(ids, labels=ids, output_router_logits=True)
-    k = tiny_config.num_experts_per_tok
-    torch.testing.assert_close(out.aux_loss, load_balancing_loss(out.router_logits, k, per_router=True))
-    assert not torch.allclose(out.aux_loss, load_balancing_loss(out.router_logits, k))  # the HF definition differs
+    f, P = _balancing_from_logits(out.router_logits, tiny_config.num_experts_per_tok)
+    E = tiny_config.num_local_experts
+    torch.testing.assert_close(out.aux_loss, (E * (f * P).sum(-1)).mean())
+    assert not torch.allclose(out.aux_loss, E * (f.mean(0) * P.mean(0)).sum())  # the HF definition differs
 
 
 def test_output_object_access(tiny_config):
@@ -197,7 +224,7 @@ def test_init_follows_transformers_recipe(tiny_config):
 def test_bf16_keeps_routers_in_fp32(tiny_config, device):
     model = JetMoeForCausalLM(tiny_config).to(device, torch.bfloat16).train()
     ids = torch.randint(0, 128, (2, 8), device=device)
-    out = model(ids, labels=ids, output_router_logits=True)
+    out = model(ids, labels=ids, output_router_logits=True, skip_logits=False)
     assert out.logits.dtype == torch.bfloat16
     assert all(r.dtype == torch.float32 for r in out.router_logits)
     out.loss.backward()
