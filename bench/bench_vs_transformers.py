@@ -1,46 +1,44 @@
 """JetMoE (this repo) against `transformers.JetMoeForCausalLM`: same weights, same inputs, one process.
 
-    python bench/bench_vs_transformers.py                  # CPU preset, about 10 minutes on 2 cores
+    python bench/bench_vs_transformers.py                  # CPU preset, about 20 minutes on 2 cores
     python bench/bench_vs_transformers.py --quick          # smoke run: 1 timed iteration, no compiled rows
     python bench/bench_vs_transformers.py --config gpu     # ~1B active parameters (needs CUDA)
 
 Writes `<out-dir>/latest.json` and `<out-dir>/latest.md` (default `bench/results/`, git-ignored); `--publish`
 also writes the markdown to `bench/RESULTS.md`.
 
+Every target row measures the call a user makes, with jetmoe's defaults; the opt-in modes (`torch.compile`, the
+static cache with a compiled decode step, `jetmoe train`'s host memory policy) have rows of their own, labelled.
 What is measured (ours = `jetmoe`, theirs = transformers with SDPA attention):
-- training step tokens/s (forward + backward of CE + aux loss, `zero_grad(set_to_none=True)`; wall time, median
-  of interleaved runs after a warm-up): fp32 eager, bf16 eager (both models cast to bf16), and ours under
-  `torch.compile` in both precisions (against transformers' eager step, in the same interleaved rounds); the
-  target rows take ours' faster mode (as the decode rows do: transformers' expert loop syncs with the host and
-  does not compile). Both run under glibc's default host memory policy in this process, or under `jetmoe
-  train`'s with `--retain-host-memory`. Ours uses `skip_logits=True` (CE fused with the LM head, logits never
-  materialised); transformers returns logits, as it has no such option.
+- training step tokens/s: `model(ids, labels=ids)` in train mode, backward, AdamW (foreach) step,
+  `zero_grad(set_to_none=True)`; wall time, median of interleaved runs after a warm-up; fp32, and bf16 with both
+  models cast to bf16. Ours, by default, computes the CE fused with the LM head (the logits are never
+  materialised; transformers returns them). Opt-in: ours under `torch.compile`, against the same eager steps.
 - forward tokens/s (eval, no grad, logits returned by both).
-- decode tokens/s at batch 1 and 8: `generate` greedy with a fixed number of new tokens (EOS disabled), prompt
-  included; ours with the dynamic cache (eager) and with the static cache + compiled step.
+- decode tokens/s at batch 1 and 8: `model.generate(ids, max_new_tokens=n)`, greedy, EOS disabled, prompt included
+  (ours by default: eager steps with the dynamic cache). Opt-in: ours with the static cache and a compiled step.
 - the decode bound: the plain chain of matrix products one decode step needs (per layer the KV projection, the
   routers, and the query/output and MLP weights of every expert the step's tokens chose; the LM head), run for as
-  many steps in three BLAS forms: `F.linear`; `(w @ x^T)^T` for at most 16 rows (1 or 3 rows padded to 2 or 4,
-  `ops.few_rows_padded`, as ours does); and `ops.linear`, which takes the second for a row count and weight shape
-  where this CPU's BLAS runs it faster (`ops.few_rows_form_faster`, timed); interleaved with the decode runs (one
-  round per contender at least, the order rotating: a large L3 holds a model's weights, so what ran just before
-  matters). Decode tokens/s (prompt included) are reported as a share of the fastest chain's tokens/s (the
-  target), and of a bound that also counts the prompt's products (the prefill: every prompt token through the
-  layers, touching most experts; then n - 1 steps' chains). Ours' eager prefill is timed alone too, to split
-  ours' time into the prompt and the decode steps.
-- peak memory of a training step: peak RSS minus RSS just before the step, in a fresh subprocess per
-  measurement (after one warm-up step; glibc told to return freed blocks >= 64 KiB, so RSS follows live memory);
-  and the saving of gradient checkpointing (ours; transformers' JetMoe does not support it).
-- achieved FLOP/s and MFU against the best GEMM FLOP/s measured in the same run on the bench's shapes.
-- scaling: training tokens/s with 8, 32, 64 experts at constant active parameters (top-k and expert size fixed,
-  so total parameters grow with the experts), each model in a fresh process (its allocator steady state); ours
-  in two rounds over 8, 32, 64 experts, median of the pooled steps. Both libraries run under the host memory
-  policy `jetmoe train` sets (`jetmoe.training.host_memory`: glibc keeps freed memory, so the step's fresh
-  gradients are not page-faulted in again); ours is also measured once with glibc's default policy. The
-  8-expert steps also give a row of their own: the fp32 training ratio of the bench config with both libraries
-  under that policy (where page faults are expensive, as on a VM, glibc's default costs transformers' fresh
-  allocations much more than ours; this row leaves that out). The `gpu` preset scales a 2-layer variant of its
-  model (64 experts in all 12 layers would be ~30B parameters).
+  many steps in two BLAS forms: `F.linear`, and `(w @ x^T)^T` for at most 16 rows (1 or 3 rows padded to 2 or 4:
+  `jetmoe.kernels.cpu.decode.few_row_linear`, the form ours takes on the CPU), interleaved with the decode runs
+  (one round per contender at least, the order rotating: a large L3 holds a model's weights, so what ran just
+  before matters). Decode tokens/s (prompt included) are reported as a share of the faster chain's tokens/s, and of
+  a bound that also counts the prompt's products (the prefill: every prompt token through the layers, touching most
+  experts; then n - 1 steps' chains). Ours' prefill is timed alone too, to split ours' time into the prompt and the
+  decode steps.
+- peak memory of a training step: peak RSS minus RSS just before the step, in a fresh subprocess per measurement
+  (after one warm-up step; glibc told to return freed blocks >= 64 KiB, so RSS follows live memory); and the saving
+  of gradient checkpointing (ours; transformers' JetMoe does not support it).
+- achieved FLOP/s and MFU against the best GEMM throughput measured in the same run on the bench's shapes.
+- scaling: training tokens/s (forward + backward: the model's own cost; the optimizer's grows with the total
+  parameters in every library) with 8, 32, 64 experts at constant active parameters (top-k and expert size fixed,
+  so total parameters grow with the experts), each model in a fresh process (its allocator steady state); ours in
+  two rounds over 8, 32, 64 experts, median of the pooled steps, under glibc's default host memory policy (every
+  step's fresh gradients are page-faulted in again), and once more under `jetmoe train`'s policy
+  (`jetmoe.training.host_memory`: freed memory is kept), which also gives a row of its own: the bench config's
+  fp32 training ratio with both libraries under it (where page faults are expensive, as on a VM, glibc's default
+  costs transformers' fresh per-expert allocations much more than ours). The `gpu` preset scales a 2-layer variant
+  of its model (64 experts in all 12 layers would be ~30B parameters).
 
 A section (or one precision of the training rows) that runs out of device memory is skipped, named under the
 table, and the rest still runs.
@@ -68,9 +66,9 @@ from typing import Any, Callable
 import torch
 import torch.nn.functional as F
 
-import jetmoe
 from jetmoe import DynamicKVCache, JetMoeConfig, JetMoeForCausalLM
-from jetmoe.model import ops
+from jetmoe.kernels.cpu.decode import FEW_ROWS, few_row_linear
+from jetmoe.model import TopKRouter
 from jetmoe.training.host_memory import retain_freed_memory
 
 BENCH_DIR = Path(__file__).resolve().parent
@@ -94,7 +92,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     ),
 }
 SCALING_EXPERTS = (8, 32, 64)
-TRAIN_RETAINED_LABEL = "training step tokens/s (fp32, eager), both keeping freed host memory (fresh processes)"
+TRAIN_RETAINED_LABEL = ("training tokens/s (fp32, forward + backward), both under jetmoe train's host memory policy "
+                        "(fresh processes)")
 
 
 def scaling_config(preset: str, experts: int) -> JetMoeConfig:
@@ -103,16 +102,15 @@ def scaling_config(preset: str, experts: int) -> JetMoeConfig:
 
 
 def few_rows_form(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """`(w @ x^T)^T` (on `ops.few_rows_padded` rows) for at most `FEW_ROWS` rows, else `F.linear`."""
-    return ops.few_rows_product(x, w) if len(x) <= ops.FEW_ROWS else F.linear(x, w)
+    """`(w @ x^T)^T` (1 or 3 rows padded to 2 or 4) for at most `FEW_ROWS` rows, else `F.linear`."""
+    return few_row_linear(x, w) if len(x) <= FEW_ROWS else F.linear(x, w)
 
 
-# The decode chain's BLAS forms: each of the two throughout, and ours' choice by row count (`ops.linear`).
-CHAIN_FORMS = {"F.linear": F.linear, "(w @ x^T)^T": few_rows_form, "ops.linear": ops.linear}
+CHAIN_FORMS = {"F.linear": F.linear, "(w @ x^T)^T": few_rows_form}  # the decode chain's BLAS forms
 
 TARGETS = {  # row name -> (comparison, threshold): ratio >= threshold, or <= for memory
-    "train_fp32_best": (">=", 1.25),
-    "train_bf16_best": (">=", 1.5),
+    "train_fp32": (">=", 1.25),
+    "train_bf16": (">=", 1.5),
     "decode_b1": (">=", 1.4),
     "decode_b8": (">=", 1.4),
     "decode_b1_chain_share": (">=", 0.85),
@@ -219,15 +217,21 @@ def gemm_peak(device: torch.device, config: JetMoeConfig, batch: int, seq: int, 
 # ----------------------------------------------------------------------------- training and forward
 
 
-def train_step_fn(model, ids, ours: bool) -> Callable[[], None]:
-    kwargs = {"skip_logits": True} if ours else {}
+def train_step_fn(model, ids, optimizer: torch.optim.Optimizer | None = None) -> Callable[[], None]:
+    """A user's training step: `model(ids, labels=ids)` (train mode), backward, the optimizer step if given,
+    gradients set to None."""
 
     def step() -> None:
-        out = model(ids, labels=ids, output_router_logits=True, **kwargs)
-        out.loss.backward()
+        model(ids, labels=ids).loss.backward()
+        if optimizer is not None:
+            optimizer.step()
         model.zero_grad(set_to_none=True)
 
     return step
+
+
+def adamw(model: torch.nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=1e-6, foreach=True)  # tiny lr: the weights stay comparable
 
 
 def bench_training(args, device, results) -> None:
@@ -246,39 +250,35 @@ def bench_training(args, device, results) -> None:
         if dtype != torch.float32:
             ours.to(dtype)
             theirs.to(dtype)
-        fns = {"ours": train_step_fn(ours, ids, True), "theirs": train_step_fn(theirs, ids, False)}
+        fns = {"ours": train_step_fn(ours, ids, adamw(ours)), "theirs": train_step_fn(theirs, ids, adamw(theirs))}
         compiled_name = f"train_{dtype_name}_compiled"
-        compiled_label = f"training step tokens/s ({dtype_name}, ours compiled vs theirs eager)"
+        compiled_label = f"training step tokens/s ({dtype_name}; opt-in: ours torch.compile, theirs eager)"
         if args.quick:
             results.skip(compiled_name, compiled_label, "--quick")
         else:
             log(f"training step {dtype_name}, ours compiled: compiling")
-            fns["ours_compiled"] = train_step_fn(torch.compile(ours), ids, True)
+            compiled = torch.compile(ours)
+            fns["ours_compiled"] = train_step_fn(compiled, ids, adamw(ours))
             start = time.perf_counter()
             fns["ours_compiled"]()
             sync(device)
             compile_s = time.perf_counter() - start
-        log(f"training step {dtype_name}: ours eager{', ours compiled' * (not args.quick)} and theirs, interleaved")
+        log(f"training step {dtype_name}: ours{', ours compiled' * (not args.quick)} and theirs, interleaved")
         times = time_interleaved(fns, args.train_iters if dtype == torch.float32 else args.iters, args.warmup, device)
         t_ours, t_theirs = median(times["ours"]), median(times["theirs"])
         peak = results.peak_for(dtype)
         results.add(
-            f"train_{dtype_name}", f"training step tokens/s ({dtype_name}, eager)", tokens / t_ours,
+            f"train_{dtype_name}", f"training step tokens/s ({dtype_name}; forward, backward, AdamW)", tokens / t_ours,
             tokens / t_theirs, "tokens/s", times={k: times[k] for k in ("ours", "theirs")},
             extra={"mfu_ours": flops / t_ours / peak if peak else None,
                    "mfu_theirs": flops / t_theirs / peak if peak else None,
                    "flops_per_s_ours": flops / t_ours, "flops_per_s_theirs": flops / t_theirs},
         )
-        best = "ours"
         if "ours_compiled" in times:
             t_c = median(times["ours_compiled"])
             results.add(compiled_name, compiled_label, tokens / t_c, tokens / t_theirs, "tokens/s",
                         times={"ours": times["ours_compiled"], "theirs": times["theirs"]},
                         extra={"compile_s": compile_s, "mfu_ours": flops / t_c / peak if peak else None})
-            best = "ours_compiled" if t_c < t_ours else best
-        results.add(f"train_{dtype_name}_best",
-                    f"training step tokens/s ({dtype_name}, ours best: {'compiled' if best != 'ours' else 'eager'})",
-                    tokens / median(times[best]), tokens / t_theirs, "tokens/s")
         if dtype == torch.float32:
             log("forward (eval, no grad) fp32")
             ours.eval()
@@ -286,9 +286,9 @@ def bench_training(args, device, results) -> None:
             with torch.no_grad():
                 times = time_interleaved({"ours": lambda: ours(ids), "theirs": lambda: theirs(ids)},
                                          args.train_iters, args.warmup, device)
-            results.add("forward_fp32", "forward tokens/s (fp32, eval)", tokens / median(times["ours"]),
+            results.add("forward_fp32", "forward tokens/s (fp32, eval, logits returned)", tokens / median(times["ours"]),
                         tokens / median(times["theirs"]), "tokens/s", times=times)
-        del ours, theirs
+        del ours, theirs, fns
         gc.collect()
 
     for dtype_name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):  # one may fill a GPU alone
@@ -318,16 +318,6 @@ def _chain_matrices(model: JetMoeForCausalLM, chosen: list[torch.Tensor], rows: 
     return mats, touched_per_router
 
 
-def decode_weight_shapes(model: JetMoeForCausalLM) -> list[tuple[int, int]]:
-    """The `[out, in]` shapes of the weights a decode step multiplies (KV projection, an expert's query, output,
-    MLP input and MLP output weights, the LM head)."""
-    layer = model.model.layers[0]
-    moa, moe = layer.self_attention.experts, layer.mlp
-    weights = (layer.self_attention.kv_proj.weight, moa.input_linear.weight, moa.output_linear.weight,
-               moe.input_linear.weight, moe.output_linear.weight, model.lm_head.weight)
-    return list(dict.fromkeys(tuple(w.shape[-2:]) for w in weights))
-
-
 def decode_chain(
     model: JetMoeForCausalLM, batch: int, prompt_ids: torch.Tensor, products: dict[str, Callable]
 ) -> tuple[dict[str, Callable[[], None]], dict[str, Callable[[], None]], dict]:
@@ -339,15 +329,15 @@ def decode_chain(
     chosen: list[torch.Tensor] = []
     hooks = [
         m.register_forward_hook(lambda mod, inp, out: chosen.append(out.experts_Nk.flatten().cpu()))
-        for m in model.modules() if isinstance(m, jetmoe.model.experts.TopKRouter)
+        for m in model.modules() if isinstance(m, TopKRouter)
     ]
     try:
         with torch.no_grad():
             cache = DynamicKVCache(model.config.num_hidden_layers)
-            logits = model(prompt_ids, cache=cache, use_cache=True).logits
+            logits = model(prompt_ids, past_key_values=cache, use_cache=True).logits
             prompt_chosen = list(chosen)
             chosen.clear()
-            model(logits[:, -1:].argmax(-1), cache=cache, use_cache=True)
+            model(logits[:, -1:].argmax(-1), past_key_values=cache, use_cache=True)
     finally:
         for h in hooks:
             h.remove()
@@ -379,10 +369,6 @@ def bench_decode(args, device, results) -> None:
     torch.manual_seed(0)
     ours = JetMoeForCausalLM(config).to(device).eval()
     theirs = hf_twin(ours).eval()
-    few_rows_table = {  # weight shape -> the row counts for which ours takes (w @ x^T)^T (timed on this CPU)
-        f"{out}x{in_}": [rows for rows in (1, 2, 4, 8, 16) if ops.few_rows_form_faster(rows, out, in_)]
-        for out, in_ in decode_weight_shapes(ours)
-    } if device.type == "cpu" and ours.dtype == torch.float32 else {}
     for batch in (1, 8):
         torch.manual_seed(1)
         ids = torch.randint(0, config.vocab_size, (batch, P), device=device)
@@ -394,7 +380,7 @@ def bench_decode(args, device, results) -> None:
             return call
 
         fns = {
-            "ours_dynamic": run("ours_dynamic", lambda: ours.generate(ids, max_new_tokens=n, eos_token_id=[])),
+            "ours": run("ours", lambda: ours.generate(ids, max_new_tokens=n, eos_token_id=[])),
             "theirs": run("theirs", lambda: theirs.generate(
                 ids, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None, pad_token_id=0)),
         }
@@ -407,8 +393,8 @@ def bench_decode(args, device, results) -> None:
             static()
             compile_s = time.perf_counter() - start
             fns["ours_static_compiled"] = run("ours_static_compiled", static)
-        # Ours' prefill alone (always eager), to split ours' time into the prompt and the decode steps.
-        fns["ours_prefill"] = lambda: ours.generate(ids, max_new_tokens=1, eos_token_id=[], static_cache=True)
+        # Ours' prefill alone (as the default call runs it), to split ours' time into the prompt and the decode steps.
+        fns["ours_prefill"] = lambda: ours.generate(ids, max_new_tokens=1, eos_token_id=[])
         chains, prompt_chains, chain_info = decode_chain(ours, batch, ids, CHAIN_FORMS)
         for form, chain in chains.items():  # n steps' worth, timed alongside
             fns[f"chain_{form}"] = lambda chain=chain: [chain() for _ in range(n)]
@@ -420,23 +406,6 @@ def bench_decode(args, device, results) -> None:
         tokens = batch * n
         same = {k: bool(torch.equal(v, outs["theirs"])) for k, v in outs.items() if k != "theirs"}
         t_theirs = median(times["theirs"])
-        results.add(f"decode_b{batch}_dynamic", f"decode tokens/s, batch {batch} (ours dynamic cache, eager)",
-                    tokens / median(times["ours_dynamic"]), tokens / t_theirs, "tokens/s", times=times,
-                    extra={"same_tokens_as_theirs": same.get("ours_dynamic")})
-        best = "ours_dynamic"
-        if "ours_static_compiled" in times:
-            results.add(f"decode_b{batch}_static_compiled",
-                        f"decode tokens/s, batch {batch} (ours static cache + compiled step)",
-                        tokens / median(times["ours_static_compiled"]), tokens / t_theirs, "tokens/s",
-                        extra={"same_tokens_as_theirs": same.get("ours_static_compiled"), "compile_s": compile_s})
-            if median(times["ours_static_compiled"]) < median(times["ours_dynamic"]):
-                best = "ours_static_compiled"
-        else:
-            results.skip(f"decode_b{batch}_static_compiled",
-                         f"decode tokens/s, batch {batch} (ours static cache + compiled step)", "--quick")
-        best_tps = tokens / median(times[best])
-        results.add(f"decode_b{batch}", f"decode tokens/s, batch {batch} (ours best: {best.removeprefix('ours_')})",
-                    best_tps, tokens / t_theirs, "tokens/s")
         infos = []
         for form in chains:
             t_chain = median(times[f"chain_{form}"])
@@ -444,22 +413,33 @@ def bench_decode(args, device, results) -> None:
                               weight_bytes_per_s=chain_info["weight_bytes"] * n / t_chain))
         bound = max(infos, key=lambda info: info["tokens_per_s"])
         t_prompt_chain = min(median(times[f"prompt_chain_{form}"]) for form in prompt_chains)
-        t_prefill = median(times["ours_prefill"])
-        split = {  # where ours' time goes, against the chains: the prompt, then each of the n - 1 decode steps
-            "ours_prefill_s": t_prefill, "prompt_chain_s": t_prompt_chain,
-            "ours_step_s": (median(times[best]) - t_prefill) / (n - 1), "chain_step_s": bound["seconds_per_step"],
-            "prompt_weight_bytes": chain_info["prompt_weight_bytes"],
-        }
-        results.add(f"decode_b{batch}_chain_share",
-                    f"decode tokens/s as a share of the weights-only chain (the faster form), batch {batch} "
-                    "(ours best)", best_tps / bound["tokens_per_s"], (tokens / t_theirs) / bound["tokens_per_s"],
-                    "share", ratio=best_tps / bound["tokens_per_s"],
-                    extra={"chains": infos, "ours_few_rows_form": few_rows_table, "split": split})
         generate_bound_tps = tokens / (t_prompt_chain + bound["seconds_per_step"] * (n - 1))
-        results.add(f"decode_b{batch}_generate_chain_share",
-                    f"decode tokens/s as a share of the chain with the prompt's products, batch {batch} (ours best)",
-                    best_tps / generate_bound_tps, (tokens / t_theirs) / generate_bound_tps, "share",
-                    ratio=best_tps / generate_bound_tps)
+        t_prefill = median(times["ours_prefill"])
+        for name, label in (("ours", "eager, dynamic cache"), ("ours_static_compiled",
+                                                               "opt-in: static cache + compiled step")):
+            row = f"decode_b{batch}" + ("" if name == "ours" else "_static_compiled")
+            if name not in times:
+                results.skip(row, f"decode tokens/s, batch {batch} ({label})", "--quick")
+                continue
+            tps = tokens / median(times[name])
+            results.add(row, f"decode tokens/s, batch {batch} ({label})", tps, tokens / t_theirs, "tokens/s",
+                        times={name: times[name], "theirs": times["theirs"]},
+                        extra={"same_tokens_as_theirs": same.get(name), **({"compile_s": compile_s} if compile_s and
+                                                                           name != "ours" else {})})
+            split = {  # where ours' time goes, against the chains: the prompt, then each of the n - 1 decode steps
+                "ours_prefill_s": t_prefill, "prompt_chain_s": t_prompt_chain,
+                "ours_step_s": (median(times[name]) - t_prefill) / (n - 1), "chain_step_s": bound["seconds_per_step"],
+                "prompt_weight_bytes": chain_info["prompt_weight_bytes"],
+            }
+            results.add(f"{row}_chain_share",
+                        f"decode tokens/s as a share of the weights-only chain (the faster form), batch {batch} "
+                        f"({label})", tps / bound["tokens_per_s"], (tokens / t_theirs) / bound["tokens_per_s"],
+                        "share", ratio=tps / bound["tokens_per_s"],
+                        extra={"chains": infos, "split": split} if name == "ours" else {"split": split})
+            results.add(f"{row}_generate_chain_share",
+                        f"decode tokens/s as a share of the chain with the prompt's products, batch {batch} ({label})",
+                        tps / generate_bound_tps, (tokens / t_theirs) / generate_bound_tps, "share",
+                        ratio=tps / generate_bound_tps)
     del ours, theirs
     gc.collect()
 
@@ -485,7 +465,7 @@ def memory_worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["grad_ckpt"]:
         model.gradient_checkpointing_enable()
     ids = torch.randint(0, config.vocab_size, (B, T), device=device)
-    step = train_step_fn(model, ids, spec["who"] == "ours")
+    step = train_step_fn(model, ids, adamw(model))
     step()  # warm-up: one-off allocations (thread pools, kernels' workspaces)
     gc.collect()
     result = _measure_step(step, device)
@@ -566,15 +546,14 @@ def throughput_worker(spec: dict[str, Any]) -> dict[str, Any]:
     if spec["who"] == "theirs":
         model = hf_twin(model).train()
     ids = torch.randint(0, config.vocab_size, (B, T), device=device)
-    times = time_interleaved({"step": train_step_fn(model, ids, spec["who"] == "ours")}, spec["iters"],
+    times = time_interleaved({"step": train_step_fn(model, ids)}, spec["iters"],
                              spec["warmup"], device)["step"]
     return {"times": times}
 
 
 def bench_scaling(args, device, results) -> None:
-    """Each (library, experts, allocator policy) in its own subprocess, one after the other. The target rows run
-    under the host memory policy of `jetmoe train` (`retain_freed_memory`), for transformers too; ours is also
-    measured with glibc's default policy, which page-faults every step's fresh gradients in again. transformers'
+    """Each (library, experts, host memory policy) in its own subprocess, one after the other; the target rows with
+    glibc's default policy (what a plain training loop gets), ours also under `jetmoe train`'s policy. transformers'
     per-expert loop makes a step with many experts very slow (every expert's weight slice allocates a full-size
     gradient), so it gets one round, and one step without warm-up beyond 8 experts. Skipped under --quick."""
     if args.quick:
@@ -586,7 +565,7 @@ def bench_scaling(args, device, results) -> None:
     tokens = B * T
     tps: dict[int, dict[str, Any]] = {}
 
-    def measure(who: str, experts: int, iters: int, warmup: int, retain: bool = True) -> list[float]:
+    def measure(who: str, experts: int, iters: int, warmup: int, retain: bool = False) -> list[float]:
         policy = "retained" if retain else "default"
         log(f"scaling: {who}, {experts} experts, {policy} host memory ({warmup} warm-up + {iters} steps, "
             "fresh process)")
@@ -602,27 +581,30 @@ def bench_scaling(args, device, results) -> None:
         for experts in SCALING_EXPERTS:
             tps[experts]["ours_times_s"] += measure("ours", experts, max(1, args.iters - 1), 2)
     for experts in SCALING_EXPERTS:
-        tps[experts]["ours_default_times_s"] = measure("ours", experts, max(1, args.iters - 1), 2, retain=False)
+        tps[experts]["ours_retained_times_s"] = measure("ours", experts, max(1, args.iters - 1), 2, retain=True)
+    tps[8]["theirs_retained_times_s"] = measure("theirs", 8, max(1, args.iters - 1), 1, retain=True)
     for experts in SCALING_EXPERTS:
         iters, warmup = (1, 0) if experts > 8 else (max(1, args.iters - 1), 1)
         tps[experts]["theirs_times_s"] = measure("theirs", experts, iters, warmup)
-        for who in ("ours", "ours_default", "theirs"):
-            tps[experts][who] = tokens / median(tps[experts][f"{who}_times_s"])
+        for who in ("ours", "ours_retained", "theirs", "theirs_retained"):
+            if f"{who}_times_s" in tps[experts]:
+                tps[experts][who] = tokens / median(tps[experts][f"{who}_times_s"])
     # The 8-expert steps are the bench config's: its training ratio when both libraries keep freed memory.
-    results.add("train_fp32_retained", TRAIN_RETAINED_LABEL, tps[8]["ours"], tps[8]["theirs"], "tokens/s")
+    results.add("train_fp32_retained", TRAIN_RETAINED_LABEL, tps[8]["ours_retained"], tps[8]["theirs_retained"],
+                "tokens/s")
     for experts in SCALING_EXPERTS[1:]:
         results.add(
             f"scaling_{experts}_experts",
-            f"training tokens/s with {experts} experts (ratio = ours vs ours with 8 experts)",
+            f"training tokens/s (forward + backward) with {experts} experts (ratio = ours vs ours with 8 experts)",
             tps[experts]["ours"], tps[experts]["theirs"], "tokens/s", ratio=tps[experts]["ours"] / tps[8]["ours"],
             extra={"theirs_vs_theirs_8": tps[experts]["theirs"] / tps[8]["theirs"], "per_experts": tps},
         )
     for experts in SCALING_EXPERTS[1:]:
         results.add(
-            f"scaling_{experts}_experts_default_malloc",
-            f"training tokens/s with {experts} experts, glibc's default host memory policy (ours only; ratio = vs 8)",
-            tps[experts]["ours_default"], None, "tokens/s",
-            ratio=tps[experts]["ours_default"] / tps[8]["ours_default"],
+            f"scaling_{experts}_experts_retained",
+            f"training tokens/s with {experts} experts, opt-in: jetmoe train's host memory policy (ours; ratio = vs 8)",
+            tps[experts]["ours_retained"], None, "tokens/s",
+            ratio=tps[experts]["ours_retained"] / tps[8]["ours_retained"],
         )
 
 
@@ -721,11 +703,6 @@ def to_markdown(results: Results) -> str:
                          f"{1e3 * sp['prompt_chain_s']:.1f} ms ({sp['prompt_weight_bytes'] / 2**20:.0f} MiB of "
                          f"weights); each decode step {1e3 * sp['ours_step_s']:.2f} ms against "
                          f"{1e3 * sp['chain_step_s']:.2f} ms")
-        if "ours_few_rows_form" in r:
-            forms = "; ".join(f"{shape}: {', '.join(map(str, rows)) or 'none'}"
-                              for shape, rows in r["ours_few_rows_form"].items())
-            extra.append(f"- {r['label']}: the row counts for which ours takes (w @ x^T)^T, by weight shape (timed "
-                         f"on this CPU): {forms}")
         if r.get("same_tokens_as_theirs") is not None:
             extra.append(f"- {r['label']}: same tokens as transformers: {r['same_tokens_as_theirs']}")
         if "compile_s" in r:

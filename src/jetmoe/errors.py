@@ -29,7 +29,15 @@ class RunFailure(Exception):
     the `jetmoe` command prints it as one line and exits with status 1; the last good checkpoint is kept."""
 
 
+def choice_problem(name: str, value: object, choices: tuple) -> str | None:
+    """The one-line message when `value` is not one of `choices`, else None."""
+    if value in choices:
+        return None
+    return f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}"
+
+
 def check_choice(name: str, value: object, choices: tuple) -> None:
     """ConfigError naming `name` unless `value` is one of `choices`."""
-    if value not in choices:
-        raise ConfigError(f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}")
+    problem = choice_problem(name, value, choices)
+    if problem:
+        raise ConfigError(problem)

@@ -39,7 +39,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from jetmoe.config import PRECISIONS, JetMoeConfig
 from jetmoe.data.config import DataConfig, validate_data_config
-from jetmoe.errors import ConfigError, MissingFileError
+from jetmoe.errors import ConfigError, MissingFileError, choice_problem
 
 SCHEDULES = ("wsd", "cosine", "constant")
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -405,10 +405,13 @@ def _problems(cfg: ExperimentConfig) -> Iterator[str]:
     if cfg.data.seq_len > m.max_position_embeddings:
         yield (f"data.seq_len ({cfg.data.seq_len}) must be <= "
                f"model.max_position_embeddings ({m.max_position_embeddings})")
-    if o.on_nonfinite not in ON_NONFINITE:
-        yield f"optim.on_nonfinite must be one of {', '.join(ON_NONFINITE)}, got {o.on_nonfinite!r}"
-    if o.schedule not in SCHEDULES:
-        yield f"optim.schedule must be one of {', '.join(SCHEDULES)}, got {o.schedule!r}"
+    for key, value, choices in (("optim.on_nonfinite", o.on_nonfinite, ON_NONFINITE),
+                                ("optim.schedule", o.schedule, SCHEDULES),
+                                ("trainer.strategy", t.strategy, STRATEGIES),
+                                ("trainer.precision", t.precision, PRECISIONS)):
+        problem = choice_problem(key, value, choices)
+        if problem:
+            yield problem
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         yield f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}"
     for key in ("lr", "eps"):
@@ -430,10 +433,6 @@ def _problems(cfg: ExperimentConfig) -> Iterator[str]:
     if o.schedule == "wsd" and o.warmup_steps > stable_end:
         yield (f"optim.warmup_steps ({o.warmup_steps}) runs into the WSD decay: it must be <= "
                f"trainer.max_steps * (1 - optim.decay_fraction) ({stable_end})")
-    if t.strategy not in STRATEGIES:
-        yield f"trainer.strategy must be one of {', '.join(STRATEGIES)}, got {t.strategy!r}"
-    if t.precision not in PRECISIONS:
-        yield f"trainer.precision must be one of {', '.join(PRECISIONS)}, got {t.precision!r}"
     if r.expert_log_every_n_steps <= 0 or r.expert_log_every_n_steps % t.log_every_n_steps:
         yield (f"run.expert_log_every_n_steps ({r.expert_log_every_n_steps}) must be a positive multiple of "
                f"trainer.log_every_n_steps ({t.log_every_n_steps})")
