@@ -214,6 +214,16 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tokenizer_400, caps
         (["report", "{tmp}"], "no expert_utilization.json"),
         (["train", DEFAULT, "run.output_dir={runs}", "run.name=tiny"], "already holds a run: pass --resume"),
         (["train", DEFAULT, *TINY, "run.output_dir={tmp}", "--resume"], "--resume: no checkpoint in"),
+        (["train", DEFAULT, *TINY, "model.hidden_size=32", "run.output_dir={runs}", "run.name=tiny", "--resume"],
+         "--resume: model.hidden_size is 32, but the run in"),
+        (["generate", "{run}", "--top-p", "1.5"], "argument --top-p: must be in (0, 1], got 1.5"),
+        (["generate", "{run}", "--temperature", "0"], "argument --temperature: must be in (0, inf), got 0"),
+        (["generate", "{run}", "--max-new-tokens", "-1"], "argument --max-new-tokens: must be in [0, inf), got -1"),
+        (["generate", "{run}", "--top-k", "x"], "argument --top-k: expected an integer, got 'x'"),
+        (["eval", "{run}", "{tmp}/empty.txt", "--batch-size", "0"], "argument --batch-size: must be in [1, inf)"),
+        (["plan", DEFAULT, "--gpus", "0"], "argument --gpus: must be in [1, inf), got 0"),
+        (["plan", DEFAULT, "--mfu", "1.5"], "argument --mfu: must be in (0, 1], got 1.5"),
+        (["nonsense"], "invalid choice: 'nonsense'"),
     ],
 )
 def test_other_commands_fail_cleanly(tiny_run, tmp_path, capsys, argv, message):
@@ -223,3 +233,18 @@ def test_other_commands_fail_cleanly(tiny_run, tmp_path, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("jetmoe: error: ") == 1 and message in err and "Traceback" not in err
+
+
+def test_a_bug_keeps_its_traceback_and_exits_1(tiny_run, monkeypatch):
+    """Only bad input is a one-line error; anything else is a bug, and `main` lets it through (exit status 1, the
+    traceback printed by Python)."""
+    import jetmoe.training.run as run
+
+    def broken(*args, **kwargs):
+        raise ValueError("an internal invariant broke")
+
+    monkeypatch.setattr(run, "load_run_model", broken)
+    with pytest.raises(ValueError, match="internal invariant"):
+        main(["generate", str(tiny_run[0]), "--max-new-tokens", "2"])
+    result = jetmoe("report", str(tiny_run[0] / "expert_utilization.json"), "--nope", cwd=tiny_run[0])
+    assert result.returncode == 2 and result.stderr.count("jetmoe: error: ") == 1

@@ -83,7 +83,6 @@ def test_upcast_linear_is_fp32_math_rounded_to_bf16():
 
 def test_few_rows_padded_makes_odd_counts_below_four_even():
     assert [few_rows_padded(rows) for rows in range(8)] == [0, 2, 2, 4, 4, 5, 6, 7]
-    assert few_rows_padded(torch.arange(8)).tolist() == [0, 2, 2, 4, 4, 5, 6, 7]
 
 
 @pytest.mark.parametrize("shape", [(16,), (1, 1, 16), (2, 16), (3, 16), (2, 2, 16), (5, 16), (FEW_ROWS, 16)])

@@ -95,9 +95,10 @@ class CpuOps(FusedOps):
 
     def expert_linear(self, x_MI, w_EOI, routing):
         if x_MI.shape[0] <= self.LOOP_ROWS and not torch.compiler.is_compiling():
-            counts = routing.counts_E.tolist()
-            chunks = [(e, chunk_I) for e, chunk_I in enumerate(x_MI.split(counts)) if len(chunk_I)]
-            return torch.cat([self.linear(chunk_I, w_EOI[e]) for e, chunk_I in chunks])
+            ends = routing.offsets_E.tolist()
+            starts = [0, *ends[:-1]]
+            return torch.cat([self.linear(x_MI[start:end], w_EOI[e])
+                              for e, (start, end) in enumerate(zip(starts, ends)) if end > start])
         return super().expert_linear(x_MI, w_EOI, routing)
 
 

@@ -9,15 +9,14 @@ products in both forms on the CPU they run on (bench/RESULTS.md).
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 FEW_ROWS = 16  # at most this many rows take the few-row form
 
 
-def few_rows_padded(rows):
-    """How many rows `few_row_linear` multiplies for `rows` rows (an int, a SymInt or an integer tensor): an odd
-    count below 4 takes one more, a zero row whose output is dropped."""
-    return rows + ((rows % 2 == 1) & (rows < 4))
+def few_rows_padded(rows: int) -> int:
+    """How many rows `few_row_linear` multiplies for `rows` rows: an odd count below 4 takes one more (a copy of the
+    first row, whose output is dropped)."""
+    return rows + (rows % 2 == 1 and rows < 4)
 
 
 def few_row_linear(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
@@ -25,6 +24,7 @@ def few_row_linear(x: torch.Tensor, w_OI: torch.Tensor) -> torch.Tensor:
     `few_rows_padded` rows."""
     rows = x.shape[:-1].numel()
     x_MI = x.reshape(rows, x.shape[-1])
-    spare = few_rows_padded(rows) - rows
-    y_MO = torch.mm(w_OI, (F.pad(x_MI, (0, 0, 0, spare)) if spare else x_MI).t()).t()
-    return (y_MO[:rows] if spare else y_MO).reshape(*x.shape[:-1], w_OI.shape[0])
+    if few_rows_padded(rows) > rows:
+        x_MI = torch.cat([x_MI, x_MI[:1]])
+    y_MO = torch.mm(w_OI, x_MI.t()).t()
+    return y_MO[:rows].view(*x.shape[:-1], w_OI.shape[0])
