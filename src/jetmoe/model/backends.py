@@ -82,9 +82,10 @@ class FusedOps(ReferenceOps):
 
 class CpuOps(FusedOps):
     """On the CPU, products of at most `FEW_ROWS` rows (decode steps) in the form MKL streams a weight fastest, and
-    an expert layer of at most `LOOP_ROWS` routed rows as one such product per expert: the grouped GEMM of so few
-    rows costs more than reading the counts on the host, which on the CPU is no device synchronisation. Compiled
-    graphs keep the grouped GEMM (host-read counts would break them)."""
+    an expert layer of at most `LOOP_ROWS` routed rows as one such product per expert, with the row counts read on
+    the host: on the CPU that is no device synchronisation, and the grouped GEMM of so few rows costs more. A
+    compiled graph reads the counts as unbacked sizes, so there every expert's slice (empty ones too) is multiplied
+    without the row padding."""
 
     LOOP_ROWS = 2 * FEW_ROWS
 
@@ -94,12 +95,15 @@ class CpuOps(FusedOps):
         return F.linear(x, w_OI)
 
     def expert_linear(self, x_MI, w_EOI, routing):
-        if x_MI.shape[0] <= self.LOOP_ROWS and not torch.compiler.is_compiling():
-            ends = routing.offsets_E.tolist()
-            starts = [0, *ends[:-1]]
-            return torch.cat([self.linear(x_MI[start:end], w_EOI[e])
-                              for e, (start, end) in enumerate(zip(starts, ends)) if end > start])
-        return super().expert_linear(x_MI, w_EOI, routing)
+        if x_MI.shape[0] > self.LOOP_ROWS:
+            return super().expert_linear(x_MI, w_EOI, routing)
+        if torch.compiler.is_compiling():
+            chunks = x_MI.split(routing.counts_E.tolist())
+            return torch.cat([torch.mm(w_EOI[e], chunk_I.t()).t() for e, chunk_I in enumerate(chunks)])
+        ends = routing.offsets_E.tolist()
+        starts = [0, *ends[:-1]]
+        return torch.cat([self.linear(x_MI[start:end], w_EOI[e])
+                          for e, (start, end) in enumerate(zip(starts, ends)) if end > start])
 
 
 class CpuBf16Ops(CpuOps):

@@ -39,11 +39,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
-from omegaconf import OmegaConf
-
 from jetmoe.training.config import (
     CLI_SOURCE,
     GROUPS,
+    RUN_CONFIG,
     ConfigError,
     ExperimentConfig,
     build_model_config,
@@ -412,10 +411,10 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepResult:
 def _check_run_dir(point: SweepPoint) -> None:
     """A run directory must hold this point's config: a changed sweep must not be mixed with old runs.
     Keys only one side has (a config field added or removed by a code change) are not compared."""
-    config_file = point.run_dir / "config.yaml"
+    config_file = point.run_dir / RUN_CONFIG
     if not config_file.is_file():
         return
-    old = dict(_flatten(OmegaConf.to_container(OmegaConf.load(config_file))))
+    old = dict(_flatten(read_yaml(config_file)))
     new = dict(_flatten(to_dict(point.config)))
     changed = next((key for key in sorted(old.keys() & new.keys()) if old[key] != new[key]), None)
     if changed:
