@@ -71,7 +71,7 @@ def expert_load_figure(loads: Mapping[str, np.ndarray], title: str = "") -> Figu
                         color="white" if dark else "black")
     axes[0].set_ylabel("layer")
     bar = fig.colorbar(image, ax=list(axes), shrink=0.9, label="share of top-k assignments")
-    ticks = [0.0, balanced / 2, balanced, 1.5 * balanced, 2 * balanced] + ([top] if top > 2.3 * balanced else [])
+    ticks = [0.0, balanced / 2, balanced, 1.5 * balanced, 2 * balanced] + ([top] if top > 2.6 * balanced else [])
     bar.set_ticks(ticks, labels=[f"{100 * t:.1f}%" + (" = 1/E\n(balanced)" if t == balanced else "") for t in ticks])
     bar.ax.axhline(balanced, color="black", linewidth=1.5)
     if title:

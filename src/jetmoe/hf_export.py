@@ -211,8 +211,9 @@ def _metadata(card: ModelCard, name: str) -> dict[str, Any]:
         meta["datasets"] = list(card.datasets)
     if card.metrics:
         results = []
+        latest = {(m.dataset, m.metric): m for m in card.metrics}  # one value per metric: the last one listed
         for dataset in dict.fromkeys(m.dataset for m in card.metrics):
-            metrics = [m for m in card.metrics if m.dataset == dataset]
+            metrics = [m for (d, _), m in latest.items() if d == dataset]
             results.append({
                 "task": {"type": "text-generation", "name": "Text Generation"},
                 "dataset": {"name": metrics[0].dataset_name or dataset, "type": dataset},
