@@ -54,8 +54,11 @@ def text_file(tmp_path) -> Path:
 
 def test_train_writes_a_complete_run_dir(tiny_run):
     run_dir, result = tiny_run
-    for name in ("config.yaml", "checkpoints/last.ckpt", "metrics.json", "expert_utilization.json",
-                 "hf/config.json", "hf/model.safetensors", "hf/tokenizer.json"):
+    for name in ("config.yaml", "checkpoints/last.ckpt", "metrics.json", "expert_utilization.json", "downstream.json",
+                 "figures/loss.png", "figures/downstream.png", "figures/expert_load.png",
+                 "figures/imbalance_over_time.png", "figures/expert_share_over_time.png",
+                 "hf/config.json", "hf/model.safetensors", "hf/tokenizer.json", "hf/tokenizer_config.json",
+                 "hf/special_tokens_map.json", "hf/generation_config.json", "hf/README.md", "hf/figures/loss.png"):
         assert (run_dir / name).is_file(), name
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["step"] == 8 and metrics["tokens_seen"] == 8 * 4 * 32
@@ -75,6 +78,8 @@ def test_tensorboard_has_the_training_curves(tiny_run):
     scalars = set(events.Tags()["scalars"])
     assert {"train/loss", "train/ce", "train/aux", "train/z", "train/lr", "train/tokens_per_sec", "val/loss", "val/ppl"} <= scalars
     assert [e.step for e in events.Scalars("val/loss")] == [3, 7]  # steps 4 and 8 (0-based logger steps)
+    # the built-in downstream task on the initial weights and at the last step (optimizer steps done)
+    assert [e.step for e in events.Scalars("downstream/stdlib_next_line/acc_norm")] == [0, 8]
 
 
 def test_hf_export_loads_in_transformers(tiny_run):
@@ -88,6 +93,40 @@ def test_hf_export_loads_in_transformers(tiny_run):
     ids = torch.randint(3, ours.config.vocab_size, (2, 12))
     with torch.no_grad():
         torch.testing.assert_close(hf.eval()(ids).logits, ours(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_hf_export_works_in_the_hf_ecosystem_as_written(tiny_run):
+    """AutoTokenizer (special tokens set), AutoModelForCausalLM, pipeline, and a model card with the run's results."""
+    transformers = pytest.importorskip("transformers")
+    import yaml
+
+    hf_dir = tiny_run[0] / "hf"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    assert (tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id) == (1, 2, 0)
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir)
+    generator = transformers.pipeline("text-generation", model=model, tokenizer=tokenizer)
+    out = generator("def ", max_new_tokens=8, do_sample=False, return_full_text=False)
+    assert len(tokenizer(out[0]["generated_text"]).input_ids) <= 8
+    meta = yaml.safe_load((hf_dir / "README.md").read_text().split("---\n")[1])
+    datasets = {result["dataset"]["type"] for result in meta["model-index"][0]["results"]}
+    assert datasets == {"python-stdlib", "stdlib_next_line"}
+
+
+def test_eval_tasks_match_the_downstream_callback(tiny_run, capsys):
+    """`jetmoe eval RUN --tasks stdlib_next_line` runs lm-evaluation-harness on the export; on the same items it
+    gives the accuracy the training callback logged at the last step. Results land in RUN/eval and the model card."""
+    pytest.importorskip("lm_eval")
+    run_dir, _ = tiny_run
+    assert main(["eval", str(run_dir), "--tasks", "stdlib_next_line", "--batch-size", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "stdlib_next_line" in out and "acc_norm" in out
+    [written] = (run_dir / "eval").glob("lm_eval-*.json")
+    theirs = json.loads(written.read_text())["results"]["stdlib_next_line"]
+    ours = json.loads((run_dir / "downstream.json").read_text())["history"][-1]
+    assert ours["step"] == 8
+    assert (theirs["acc,none"], theirs["acc_norm,none"]) == (ours["tasks"]["stdlib_next_line"]["acc"],
+                                                             ours["tasks"]["stdlib_next_line"]["acc_norm"])
+    assert "lm-evaluation-harness 0.4" in (run_dir / "hf" / "README.md").read_text()
 
 
 def test_generate_prints_the_prompt_and_a_continuation(tiny_run):
@@ -119,6 +158,7 @@ def test_report_cli(tiny_run, capsys):
     assert main(["report", str(tiny_run[0])]) == 0
     out = capsys.readouterr().out
     assert "expert utilization" in out and "val_loss=" in out
+    assert f"{tiny_run[0]}/figures/expert_load.png  (Expert load)" in out
 
 
 def test_resume_continues_to_a_larger_max_steps(tiny_run, tmp_path):
@@ -172,6 +212,9 @@ def _files(tmp_path: Path) -> dict[str, Path]:
     (tmp_path / "a_file").write_text("not a directory")
     (tmp_path / "typo.yaml").write_text(f"defaults:\n  - model: tiny\nmodel:\n  hiden_size: 64\n")
     (tmp_path / "list.yaml").write_text("- model: tiny\n")
+    good = '{"context": "a", "choices": ["x", "y"], "label": 0}'
+    (tmp_path / "bad_label.jsonl").write_text('{"context": "a", "choices": ["x", "y"], "label": 3}\n')
+    (tmp_path / "bad_json.jsonl").write_text(good + '\n{"context": "a",\n')
     return {p.name: p for p in tmp_path.iterdir()}
 
 
@@ -189,6 +232,12 @@ ERRORS = [
     (None, [*FILE_DATA, "data.data_files=[{tmp}/latin1.txt]"], "latin1.txt: not UTF-8"),
     (None, ["model.vocab_size=300", "data.tokenizer_path={tmp}/tok400.json"], "> model.vocab_size 300"),
     (None, ["run.output_dir={tmp}/a_file/runs"], "cannot write the run directory"),
+    (None, ["downstream.tasks=[{{name: mine}}]"], "downstream.tasks[0].name: 'mine' is not a built-in task"),
+    (None, ["downstream.every_n_steps=-5"], "downstream.every_n_steps must be >= 0"),
+    (None, ["downstream.tasks=[{{name: mine, path: {tmp}/nope.jsonl}}]"], "'mine': {tmp}/nope.jsonl: file not found"),
+    (None, ["downstream.tasks=[{{name: mine, path: {tmp}/bad_json.jsonl}}]"], "bad_json.jsonl:2: not valid JSON"),
+    (None, ["downstream.tasks=[{{name: mine, path: {tmp}/bad_label.jsonl}}]"],
+     "bad_label.jsonl:1: 'label' 3 is outside the 2 choices (0..1)"),
 ]
 
 
@@ -201,8 +250,10 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tokenizer_400, caps
     assert main(["train", path, *defaults, *overrides]) == 2  # later overrides win
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("jetmoe: error: ")]
-    assert len(errors) == 1 and message in errors[0], err[-2000:]
+    assert len(errors) == 1 and message.format(tmp=tmp_path) in errors[0], err[-2000:]
     assert "Traceback" not in err
+    if "downstream" in message or ".jsonl" in message:
+        assert not (tmp_path / "runs").exists()  # a bad task stops the run before anything is written
 
 
 @pytest.mark.parametrize(
@@ -212,6 +263,13 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tokenizer_400, caps
         (["eval", "{run}", "{tmp}/nope.txt"], "file not found: "),
         (["eval", "{run}", "{tmp}/empty.txt"], "empty.txt: file is empty"),
         (["report", "{tmp}"], "no expert_utilization.json"),
+        (["eval", "{run}"], "name text files to score, --tasks, or both"),
+        (["eval", "{run}", "--tasks", "{tmp}/nope.jsonl"], "nope.jsonl: file not found"),
+        (["eval", "{run}", "--tasks", "{tmp}/nope.yaml"], "nope.yaml: file not found (expected an lm-eval task YAML)"),
+        (["eval", "{run}", "--tasks", "{tmp}/bad_label.jsonl"], "bad_label.jsonl:1: 'label' 3 is outside the 2 choices"),
+        (["eval", "{run}", "--tasks", "stdlib_next_line,{tmp}/bad_json.jsonl"], "bad_json.jsonl:2: not valid JSON"),
+        (["eval", "{run}", "--tasks", "hellaswg"], "--tasks: unknown task 'hellaswg' (did you mean 'hellaswag'"),
+        (["eval", "{run}", "--tasks", "stdlib_next_line", "--limit", "0"], "--limit must be >= 1, got 0"),
         (["train", DEFAULT, "run.output_dir={runs}", "run.name=tiny"], "already holds a run: pass --resume"),
         (["train", DEFAULT, *TINY, "run.output_dir={tmp}", "--resume"], "--resume: no checkpoint in"),
         (["train", DEFAULT, *TINY, "model.hidden_size=32", "run.output_dir={runs}", "run.name=tiny", "--resume"],
@@ -248,3 +306,10 @@ def test_a_bug_keeps_its_traceback_and_exits_1(tiny_run, monkeypatch):
         main(["generate", str(tiny_run[0]), "--max-new-tokens", "2"])
     result = jetmoe("report", str(tiny_run[0] / "expert_utilization.json"), "--nope", cwd=tiny_run[0])
     assert result.returncode == 2 and result.stderr.count("jetmoe: error: ") == 1
+
+
+def test_eval_tasks_without_lm_eval_say_how_to_install_it(tiny_run, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "lm_eval", None)  # `import lm_eval` raises ImportError
+    assert main(["eval", str(tiny_run[0]), "--tasks", "stdlib_next_line"]) == 2
+    err = capsys.readouterr().err
+    assert "jetmoe: error: --tasks needs lm-evaluation-harness: pip install 'jetmoe[eval]'" in err

@@ -5,8 +5,8 @@ Routing of a text is read from the model's own routings (``out.routings``) and s
 notebook and ``jetmoe report`` agree on what "load", "imbalance" and "entropy" mean. Code tokens are
 typed with Python's ``tokenize``: a BPE token takes the type of its first non-blank character.
 
-Plotting functions import matplotlib when called (it is an optional dependency: ``jetmoe[notebooks]``)
-and return a ``matplotlib.figure.Figure``.
+Plotting functions return a ``matplotlib.figure.Figure`` (built without pyplot); the expert-load heatmap is the
+one training logs and ``jetmoe report`` writes (:mod:`jetmoe.figures`).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import jetmoe
 from jetmoe import JetMoeForCausalLM
 from jetmoe.errors import UserError
 from jetmoe.model import Routing
-from jetmoe.training.expert_metrics import ROUTER_KINDS, RouterUtilization, router_names
+from jetmoe.training.expert_metrics import ROUTER_KINDS, RouterUtilization, loads_by_kind, router_names
 from jetmoe.training.reliability import read_checkpoint
 
 ROUTING_FIELDS = ("logits_NE", "experts_Nk", "gates_Nk")  # what `Routing` is built from
@@ -348,22 +348,10 @@ def _versus_dense(row: Mapping[str, Any], dense: Mapping[str, Any]) -> str:
 
 
 def plot_load_heatmaps(stats: Mapping[str, torch.Tensor], title: str = ""):
-    """Layer x expert load share for MoA and MoE side by side (colour 0 .. 2/E; balanced = 1/E)."""
-    from matplotlib.figure import Figure
+    """Layer x expert load share for MoA and MoE side by side (:func:`jetmoe.figures.expert_load_figure`)."""
+    from jetmoe.figures import expert_load_figure
 
-    num_routers, num_experts = stats["load"].shape
-    fig = Figure(figsize=(3 + num_experts, 1.5 + 0.4 * num_routers / 2), layout="constrained")
-    axes = fig.subplots(1, 2)
-    for ax, kind in zip(axes, ROUTER_KINDS):
-        load = load_matrix(stats, kind)
-        image = ax.imshow(load, vmin=0, vmax=2 / num_experts, cmap="viridis", aspect="auto")
-        _annotate(ax, load, vmax=2 / num_experts)
-        ax.set(title=f"{kind.upper()} load share", xlabel="expert", ylabel="layer",
-               xticks=range(num_experts), yticks=range(len(load)))
-    fig.colorbar(image, ax=axes, label=f"share of assignments (balanced = 1/{num_experts})")
-    if title:
-        fig.suptitle(title)
-    return fig
+    return expert_load_figure(loads_by_kind(stats["load"].numpy()), title)
 
 
 def plot_type_preference(trace: RoutingTrace, types: Sequence[str], kind: str):

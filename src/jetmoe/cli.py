@@ -8,6 +8,7 @@ prints one line and exits with status 1; anything else is a bug and keeps its tr
     jetmoe train experiments/default.yaml [key=value ...] [group=name ...] [--resume]
     jetmoe generate runs/default --prompt "def " [--max-new-tokens 200 --temperature 0.8 --top-k 50 --greedy]
     jetmoe eval runs/default data.txt [more.txt ...] [--seq-len 256 --batch-size 8]
+    jetmoe eval runs/default --tasks stdlib_next_line,hellaswag,my_task.jsonl [--num-fewshot 0 --limit 100]
     jetmoe report runs/default
     jetmoe sweep experiments/ablate_experts_smoke.yaml [key=value ...]
     jetmoe plan experiments/jetmoe_8b.yaml --gpus 96 [--gpu-memory-gb 80 --mfu 0.4]
@@ -127,14 +128,22 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(command=_generate)
 
-    p = commands.add_parser("eval", help="loss and perplexity of a model on text files")
-    p.add_argument("model_dir", metavar="DIR")
-    p.add_argument("files", nargs="+", metavar="FILE", help="text files or globs")
-    p.add_argument("--seq-len", type=_number(int, 2), default=None, help="default: the run's data.seq_len")
+    p = commands.add_parser("eval", help="perplexity on text files and/or lm-evaluation-harness tasks")
+    p.add_argument("model_dir", metavar="DIR", help="a run directory (results go to DIR/eval) or an HF model directory")
+    p.add_argument("files", nargs="*", metavar="FILE", help="text files or globs: loss and perplexity")
+    p.add_argument("--tasks", default=None, metavar="T1,T2",
+                   help="lm-eval tasks, built-in tasks (stdlib_next_line) or task files (.jsonl, .yaml), comma-separated")
+    p.add_argument("--num-fewshot", type=_number(int, 0), default=None,
+                   help="--tasks: examples in each prompt (lm-eval's default)")
+    p.add_argument("--limit", type=_number(int, 1), default=None, help="--tasks: score the first N items of each task")
+    p.add_argument("--device", default=None, help="--tasks: cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--seq-len", type=_number(int, 2), default=None,
+                   help="files: window length (default: the run's data.seq_len)")
     p.add_argument("--batch-size", type=_number(int, 1), default=8)
+    p.add_argument("--output-dir", default=None, help="where results are written (default: RUN_DIR/eval)")
     p.set_defaults(command=_eval)
 
-    p = commands.add_parser("report", help="expert-utilization table of a finished run")
+    p = commands.add_parser("report", help="expert-utilization table and figures (PNG) of a finished run")
     p.add_argument("run_dir", metavar="RUN_DIR")
     p.set_defaults(command=_report)
 
@@ -212,10 +221,25 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from jetmoe.training.run import evaluate
+    from jetmoe.training.run import eval_output_dir, evaluate, evaluate_tasks, write_eval_result
 
-    result = evaluate(args.model_dir, args.files, seq_len=args.seq_len, batch_size=args.batch_size)
-    print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.2f}  tokens {result['tokens']:,}")
+    tasks = [task.strip() for task in (args.tasks or "").split(",") if task.strip()]
+    if not args.files and not tasks:
+        raise UserError("jetmoe eval: name text files to score, --tasks, or both")
+    out = eval_output_dir(args.model_dir, args.output_dir)
+    if args.files:
+        result = evaluate(args.model_dir, args.files, seq_len=args.seq_len, batch_size=args.batch_size)
+        print(f"loss {result['loss']:.4f}  ppl {result['ppl']:.2f}  tokens {result['tokens']:,}")
+        if out is not None:
+            print(f"wrote {write_eval_result(out, 'perplexity', {'files': args.files, **result})}")
+    if tasks:
+        from jetmoe.eval.harness import format_results
+
+        results, written = evaluate_tasks(args.model_dir, tasks, num_fewshot=args.num_fewshot, limit=args.limit,
+                                          batch_size=args.batch_size, device=args.device, output_dir=out)
+        print(format_results(results))
+        if written is not None:
+            print(f"wrote {written}")
 
 
 def _sweep(args: argparse.Namespace) -> None:
@@ -241,28 +265,32 @@ def _plan(args: argparse.Namespace) -> None:
 
 
 def _consolidate(args: argparse.Namespace) -> None:
-    import shutil
-
     from jetmoe.distributed import consolidate
     from jetmoe.training.config import build_model_config, load_run_config
+    from jetmoe.training.report import complete_export
 
     run_dir = Path(args.run_dir)
     cfg = load_run_config(run_dir)
     out = Path(args.out) if args.out else run_dir / "hf"
-    consolidate(run_dir / "checkpoints" / args.checkpoint, out, build_model_config(cfg.model))
+    config = build_model_config(cfg.model)
+    consolidate(run_dir / "checkpoints" / args.checkpoint, out, config)
     tokenizer = run_dir / "hf" / "tokenizer.json"
-    if tokenizer.is_file() and not (out / "tokenizer.json").exists():
-        shutil.copyfile(tokenizer, out / "tokenizer.json")
-    print(f"wrote {out} (config.json, model.safetensors)")
+    if tokenizer.is_file():  # tokenizer files, generation config, model card and figures
+        complete_export(run_dir, out, config, tokenizer)
+    print(f"wrote {out} (config.json, model.safetensors{', tokenizer, model card' if tokenizer.is_file() else ''})")
 
 
 def _report(args: argparse.Namespace) -> None:
     from jetmoe.training.expert_callback import format_report
+    from jetmoe.training.report import write_figures
 
     metrics_file = Path(args.run_dir) / "metrics.json"
     metrics = json.loads(metrics_file.read_text()) if metrics_file.is_file() else {}
     losses = {k: metrics[k] for k in ("train_loss", "val_loss") if metrics.get(k) is not None}
     print(format_report(args.run_dir, final_losses=losses or None))
+    figures = write_figures(args.run_dir)
+    if figures:
+        print("\nfigures\n" + "\n".join(f"  {path}  ({caption})" for caption, path in figures.items()))
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from torch import nn
 from jetmoe.config import JetMoeConfig
 from jetmoe.errors import ConfigError, InputFileError, MissingFileError
 from jetmoe.files import atomic_write, atomic_write_text
+from jetmoe.hf_export import ModelCard, complete_hf_dir
 from jetmoe.model import JetMoeForCausalLM, JetMoePreTrainedModel
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -31,9 +32,17 @@ WEIGHTS_INDEX_NAME, LEGACY_WEIGHTS_NAME = "model.safetensors.index.json", "pytor
 # ----------------------------------------------------------------------------- writing
 
 
-def save_pretrained(model: JetMoePreTrainedModel, directory: str | Path) -> Path:
-    """Write `model` as an HF-format directory (`config.json`, `model.safetensors`); returns the directory."""
-    return write_checkpoint(directory, model.config, model.state_dict(), type(model).__name__)
+def save_pretrained(
+    model: JetMoePreTrainedModel, directory: str | Path, tokenizer: str | Path | None = None,
+    card: ModelCard | None = None,
+) -> Path:
+    """Write `model` as an HF-format directory (`config.json`, `model.safetensors`); with a `tokenizer.json`, a
+    complete one that every Hugging Face tool accepts (tokenizer files with the special tokens,
+    `generation_config.json`, a model card: `hf_export.complete_hf_dir`). Returns the directory."""
+    write_checkpoint(directory, model.config, model.state_dict(), type(model).__name__)
+    if tokenizer is not None:
+        complete_hf_dir(directory, model.config, tokenizer, card)
+    return Path(directory)
 
 
 def write_checkpoint(

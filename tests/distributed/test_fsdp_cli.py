@@ -50,5 +50,11 @@ def test_fsdp_run_resume_export_and_consolidate(tmp_path):
     consolidated = transformers.JetMoeForCausalLM.from_pretrained(out)
     for (name, a), b in zip(exported.state_dict().items(), consolidated.state_dict().values()):
         assert torch.equal(a, b), name
+    tokenizer = transformers.AutoTokenizer.from_pretrained(out)  # consolidate completes the directory too
+    assert (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token) == ("<s>", "</s>", "<pad>")
+    assert (out / "generation_config.json").is_file() and "## Evaluation" in (out / "README.md").read_text()
+    # downstream evaluation ran on both ranks (items split between them) at steps 0, 4 and, after the resume, 8
+    history = json.loads((run_dir / "downstream.json").read_text())["history"]
+    assert [entry["step"] for entry in history] == [0, 4, 8]
     generated = _jetmoe("generate", str(out), "--prompt", "def ", "--max-new-tokens", "5", cwd=tmp_path)
     assert generated.returncode == 0 and generated.stdout.startswith("def")

@@ -2,6 +2,7 @@ import csv
 import json
 
 import lightning as L
+import numpy as np
 import pytest
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -13,6 +14,7 @@ from jetmoe.training.expert_callback import (
     ExpertUtilizationCallback,
     expert_histogram,
     format_report,
+    imbalance_image,
     load_bar,
     load_heatmap,
     scalar_metrics,
@@ -100,8 +102,10 @@ def test_logs_scalars_once_per_interval(trained_run):
 def test_logs_heatmap_images_and_histograms(trained_run):
     _, events = trained_run
     tags = events.Tags()
-    assert {"experts/moa/load_heatmap", "experts/moe/load_heatmap"} <= set(tags["images"])
-    assert [image.step for image in events.Images("experts/moa/load_heatmap")] == [4]
+    assert "experts/load_heatmap" in tags["images"]
+    [image] = events.Images("experts/load_heatmap")
+    assert image.step == 4 and image.width > 600 and image.height > 200  # a labelled figure, not 8-pixel squares
+    assert "experts/imbalance_over_time" not in tags["images"]  # one window so far: no curve yet
     assert "experts/moe/layer_1/expert_tokens" in tags["histograms"]
 
 
@@ -121,6 +125,9 @@ def test_writes_json_and_csv(trained_run):
     assert len(rows) == 3 * 2 * NUM_LAYERS * NUM_EXPERTS
     assert {row["scope"] for row in rows} == {"window", "run", "val"}
     assert rows[0].keys() >= {"kind", "layer", "expert", "load", "prob", "tokens", "imbalance"}
+    assert report["history"]["step"] == [4, 6]  # the logged window and the final partial one
+    assert len(report["history"]["load"][0]) == 2 * NUM_LAYERS
+    assert report["history"]["load"][-1] == [router["window"]["load"] for router in report["routers"]]
 
 
 def test_format_report_renders_a_row_per_router(trained_run):
@@ -146,6 +153,7 @@ def test_run_total_survives_a_resume(tmp_path):
     run = report["routers"][0]["run"]
     assert run["num_tokens"] == 6 * (TOKENS - 4)  # steps 1-3 from the checkpoint, 4-6 after the resume
     assert sum(run["tokens"]) == TOP_K * run["num_tokens"]
+    assert report["history"]["step"] == [2, 3, 4, 6]  # steps 2 and 3 (the end of the first fit) from the checkpoint
 
 
 def test_skips_outputs_without_routings(tmp_path):
@@ -165,7 +173,8 @@ def test_heatmaps_follow_the_logged_windows(tmp_path):
     trainer = fit(tmp_path, FakeRouterModule(), callback, max_steps=12, log_every_n_steps=3)
     events = EventAccumulator(trainer.log_dir, size_guidance={"images": 0})
     events.Reload()
-    assert [image.step for image in events.Images("experts/moe/load_heatmap")] == [6, 9, 12]
+    assert [image.step for image in events.Images("experts/load_heatmap")] == [6, 9, 12]
+    assert [image.step for image in events.Images("experts/imbalance_over_time")] == [6, 9, 12]
 
 
 def test_rejects_misaligned_intervals(tmp_path):
@@ -183,10 +192,12 @@ def test_scalar_metrics_names():
 
 
 def test_heatmap_histogram_and_bar_helpers():
-    load_LE = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]])
-    image_3HW = load_heatmap(load_LE, num_experts=4)
-    assert image_3HW.shape[0] == 3 and image_3HW.shape[1] * 2 == image_3HW.shape[2] >= 192
-    assert 0 <= image_3HW.min() and image_3HW.max() <= 1
+    load_RE = torch.tensor([[0.25, 0.25, 0.25, 0.25], [1.0, 0.0, 0.0, 0.0]] * NUM_LAYERS)
+    image_HW3 = load_heatmap(load_RE, step=7)
+    assert image_HW3.dtype == np.uint8 and image_HW3.shape[2] == 3 and image_HW3.shape[1] > image_HW3.shape[0] > 150
+    assert len(np.unique(image_HW3.reshape(-1, 3), axis=0)) > 50  # text, ticks and a colour bar, not flat squares
+    history = [(step, load_RE.tolist()) for step in (2, 4, 6)]
+    assert imbalance_image(history).shape[2] == 3
     hist = expert_histogram(torch.tensor([3, 0, 1]))
     assert hist["num"] == 4 and hist["sum"] == 2 and hist["bucket_counts"] == [3, 0, 1]
     assert load_bar([0.5, 0.25, 0.0, 0.25]) == "█▄ ▄"

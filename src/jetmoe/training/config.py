@@ -40,6 +40,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from jetmoe.config import PRECISIONS, JetMoeConfig
 from jetmoe.data.config import DataConfig, validate_data_config
 from jetmoe.errors import ConfigError, MissingFileError, choice_problem
+from jetmoe.eval.config import DownstreamConfig, validate_downstream_config
 
 SCHEDULES = ("wsd", "cosine", "constant")
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -155,6 +156,7 @@ class ExperimentConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     run: RunConfig = field(default_factory=RunConfig)
+    downstream: DownstreamConfig = field(default_factory=DownstreamConfig)
 
 
 GROUPS = tuple(f.name for f in dataclasses.fields(ExperimentConfig))
@@ -442,6 +444,10 @@ def _problems(cfg: ExperimentConfig) -> Iterator[str]:
         yield f"run.sample_tokens must be >= 0, got {r.sample_tokens}"
     if not r.name or "/" in r.name or r.name in (".", ".."):
         yield f"run.name must be a plain directory name, got {r.name!r}"
+    try:
+        validate_downstream_config(cfg.downstream)
+    except ValueError as err:
+        yield str(err)
 
 
 def build_model_config(m: ModelConfig) -> JetMoeConfig:

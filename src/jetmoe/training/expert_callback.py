@@ -17,13 +17,15 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import numpy as np
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities.warnings import PossibleUserWarning
 from torch import Tensor
 
+from jetmoe import figures
 from jetmoe.errors import MissingFileError, UserError
-from jetmoe.training.expert_metrics import ROUTER_KINDS, SUMMARY_KEYS, RouterUtilization, router_names
+from jetmoe.training.expert_metrics import ROUTER_KINDS, SUMMARY_KEYS, RouterUtilization, loads_by_kind, router_names
 
 REPORT_JSON = "expert_utilization.json"
 REPORT_CSV = "expert_utilization.csv"
@@ -31,10 +33,6 @@ LOGGED_KEYS = ("imbalance", "cv", "entropy_norm", "dead_fraction", "top1_top2_ra
 EXPERT_KEYS = ("load", "prob", "top1_load", "tokens")
 CSV_SUMMARY_KEYS = ("imbalance", "cv", "entropy_norm", "dead_fraction", "top1_top2_ratio", "balance_loss")
 BARS = "▁▂▃▄▅▆▇█"
-# viridis at 0, .25, .5, .75, 1
-_VIRIDIS = torch.tensor(
-    [[0.267, 0.005, 0.329], [0.229, 0.322, 0.546], [0.128, 0.567, 0.551], [0.369, 0.789, 0.383], [0.993, 0.906, 0.144]]
-)
 
 
 class ExpertUtilizationCallback(L.Callback):
@@ -43,10 +41,11 @@ class ExpertUtilizationCallback(L.Callback):
     Keeps three ``RouterUtilization`` metrics: a train window (logged, folded into the run total and
     reset every ``log_every_n_steps`` optimizer steps), the whole-run train total, and validation
     (per epoch). Each batch is therefore routed through one metric update only.
-    ``heatmap_every_n_steps`` (0 disables) adds a layer x expert load image per router kind and per-router
-    expert histograms to TensorBoard, once per that many steps: at the first logged window that reaches a
-    multiple of it. ``on_train_end`` writes ``expert_utilization.{json,csv}`` to ``output_dir`` (default:
-    ``trainer.log_dir``).
+    ``heatmap_every_n_steps`` (0 disables) adds figures to TensorBoard (the window's layer x expert load, MoA and
+    MoE side by side, and each layer's load imbalance over the run so far) and per-router expert histograms, once
+    per that many steps: at the first logged window that reaches a multiple of it. ``on_train_end`` writes
+    ``expert_utilization.{json,csv}`` to ``output_dir`` (default: ``trainer.log_dir``); the JSON also holds every
+    logged window's per-expert load (``history``), the source of ``jetmoe report``'s routing-over-time figures.
     All metric computes are collectives and run on every rank; only rank 0 writes.
     The run total is saved in checkpoints (summed over ranks), so after a resume the ``run`` scope still
     covers the whole run.
@@ -79,6 +78,7 @@ class ExpertUtilizationCallback(L.Callback):
         self._last_logged_step = -1
         self._last_window: dict[str, Tensor] | None = None
         self._last_val: dict[str, Tensor] | None = None
+        self.history: list[tuple[int, list[list[float]]]] = []  # (step, load [R][E]) of every logged window
 
     # ---- hooks ---------------------------------------------------------------------------------------
 
@@ -104,7 +104,7 @@ class ExpertUtilizationCallback(L.Callback):
         if self._device is None or step == self._last_logged_step or step % self.log_every_n_steps:
             return
         self._last_logged_step = step
-        stats = self._flush_window()
+        stats = self._flush_window(step)
         pl_module.log_dict(scalar_metrics("experts", stats), on_step=True, on_epoch=False, sync_dist=False)
         if self._heatmap_due(step) and trainer.is_global_zero:
             self._log_images(trainer, stats, step)
@@ -125,7 +125,7 @@ class ExpertUtilizationCallback(L.Callback):
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self._device is None:
             return
-        final_window = self._flush_window() if self.window.update_called else self._last_window
+        final_window = self._flush_window(trainer.global_step) if self.window.update_called else self._last_window
         scopes = {"window": final_window, "run": compute_on_host(self.total)}
         if self._last_val is not None:
             scopes["val"] = self._last_val
@@ -145,10 +145,11 @@ class ExpertUtilizationCallback(L.Callback):
         if self._device is not None and _distributed():
             for value in sums.values():
                 torch.distributed.all_reduce(value)
-        return {"run_total": {name: value.cpu() for name, value in sums.items()}}
+        return {"run_total": {name: value.cpu() for name, value in sums.items()}, "history": self.history}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the run total; it holds every rank's past tokens, so only global rank 0 takes it."""
+        self.history = [(step, load) for step, load in state_dict.get("history", [])]
         sums = state_dict.get("run_total")
         rank = torch.distributed.get_rank() if _distributed() else 0
         if not sums or rank != 0:
@@ -173,9 +174,11 @@ class ExpertUtilizationCallback(L.Callback):
         every = self.heatmap_every_n_steps
         return every > 0 and step % every < min(every, self.log_every_n_steps)
 
-    def _flush_window(self) -> dict[str, Tensor]:
-        """Compute the window (a collective), fold it into the run total and reset it."""
+    def _flush_window(self, step: int) -> dict[str, Tensor]:
+        """Compute the window (a collective), record its load, fold it into the run total and reset it."""
         self._last_window = compute_on_host(self.window)
+        self.history = [entry for entry in self.history if entry[0] < step]  # a resumed run repeats no step
+        self.history.append((step, self._last_window["load"].tolist()))
         self.total.merge_state(self.window)
         self.window.reset()
         return self._last_window
@@ -185,9 +188,9 @@ class ExpertUtilizationCallback(L.Callback):
             if not isinstance(logger, TensorBoardLogger):
                 continue
             writer = logger.experiment
-            for kind_idx, kind in enumerate(ROUTER_KINDS):
-                image_3HW = load_heatmap(stats["load"][kind_idx::2], self.num_experts)
-                writer.add_image(f"experts/{kind}/load_heatmap", image_3HW, step, dataformats="CHW")
+            writer.add_image("experts/load_heatmap", load_heatmap(stats["load"], step), step, dataformats="HWC")
+            if len(self.history) > 1:
+                writer.add_image("experts/imbalance_over_time", imbalance_image(self.history), step, dataformats="HWC")
             for name, tokens_E in zip(self.names, stats["tokens"]):
                 writer.add_histogram_raw(f"experts/{name}/expert_tokens", global_step=step, **expert_histogram(tokens_E))
 
@@ -208,6 +211,7 @@ class ExpertUtilizationCallback(L.Callback):
             "global_step": global_step,
             "scopes": list(scopes),
             "routers": routers,
+            "history": {"step": [step for step, _ in self.history], "load": [load for _, load in self.history]},
         }
 
 
@@ -236,19 +240,16 @@ def scalar_metrics(prefix: str, stats: dict[str, Tensor]) -> dict[str, Tensor]:
     return scalars
 
 
-def load_heatmap(load_LE: Tensor, num_experts: int, min_cell_px: int = 8, min_side_px: int = 192) -> Tensor:
-    """RGB image ``[3, H, W]`` in [0, 1] of a layer x expert load matrix (viridis).
+def load_heatmap(load_RE: Tensor, step: int) -> np.ndarray:
+    """``[H, W, 3]`` uint8 image of a window's layer x expert load, MoA and MoE side by side (``figures``)."""
+    return figures.figure_to_rgb(figures.expert_load_figure(loads_by_kind(load_RE.numpy()), f"expert load, step {step}"))
 
-    The colour scale is fixed: 0 (dead) -> dark purple, 1/E (balanced) -> teal, >= 2/E -> yellow.
-    Each cell becomes a square of at least ``min_cell_px`` pixels, the larger side at least ``min_side_px``.
-    """
-    value_LE = (load_LE.float() * num_experts / 2).clamp(0, 1)
-    position_LE = value_LE * (len(_VIRIDIS) - 1)
-    low_LE = position_LE.floor().long().clamp(max=len(_VIRIDIS) - 2)
-    frac_LE1 = (position_LE - low_LE)[..., None]
-    rgb_LE3 = _VIRIDIS[low_LE] * (1 - frac_LE1) + _VIRIDIS[low_LE + 1] * frac_LE1
-    cell = max(min_cell_px, -(-min_side_px // max(load_LE.shape)))
-    return rgb_LE3.permute(2, 0, 1).repeat_interleave(cell, 1).repeat_interleave(cell, 2)
+
+def imbalance_image(history: Sequence[tuple[int, list[list[float]]]]) -> np.ndarray:
+    """``[H, W, 3]`` uint8 image of every layer's load imbalance over the logged windows so far."""
+    steps = [step for step, _ in history]
+    loads = loads_by_kind(np.array([load for _, load in history]))
+    return figures.figure_to_rgb(figures.imbalance_over_time_figure(steps, loads))
 
 
 def expert_histogram(tokens_E: Tensor) -> dict:

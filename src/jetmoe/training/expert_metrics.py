@@ -28,6 +28,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 import torchmetrics
 from torch import Tensor
@@ -61,9 +62,18 @@ _STATES = {
 }
 
 
+ROUTER_LABELS = {"moa": "MoA", "moe": "MoE"}
+
+
 def router_names(num_layers: int) -> list[str]:
     """``["moa/layer_0", "moe/layer_0", "moa/layer_1", ...]``, the order of the model's routings."""
     return [f"{kind}/layer_{layer}" for layer in range(num_layers) for kind in ROUTER_KINDS]
+
+
+def loads_by_kind(load_xRE: np.ndarray) -> dict[str, np.ndarray]:
+    """``{"MoA": [..., L, E], "MoE": [..., L, E]}`` from per-router values ``[..., R, E]`` in ``router_names`` order."""
+    load_xRE = np.asarray(load_xRE)
+    return {ROUTER_LABELS[kind]: load_xRE[..., k::len(ROUTER_KINDS), :] for k, kind in enumerate(ROUTER_KINDS)}
 
 
 def routing_sums(routings: Sequence[Routing], mask_N: Tensor | None = None) -> dict[str, Tensor]:

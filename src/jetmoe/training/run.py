@@ -7,8 +7,11 @@ A run directory ``<run.output_dir>/<run.name>/`` holds::
     checkpoints/best-*.ckpt     lowest val/loss so far
     tb/                         TensorBoard event files
     expert_utilization.{json,csv}   routing statistics (``jetmoe report``)
-    hf/                         config.json + model.safetensors + tokenizer.json (transformers-loadable)
+    downstream.json             downstream accuracy at every evaluation (``downstream:`` section)
+    figures/                    loss, downstream and routing figures (PNG; ``jetmoe report`` redraws them)
+    hf/                         weights, config, tokenizer files, generation config, model card (``jetmoe.hf_export``)
     metrics.json                final losses, throughput, parameter counts
+    eval/                       ``jetmoe eval`` results (lm-evaluation-harness, perplexity)
 """
 
 from __future__ import annotations
@@ -17,7 +20,7 @@ import dataclasses
 import glob
 import json
 import math
-import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,7 +32,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from tokenizers import Tokenizer
 
-from jetmoe import JetMoeForCausalLM, load_pretrained, save_pretrained
+from jetmoe import JetMoeConfig, JetMoeForCausalLM, hf_io, load_pretrained, save_pretrained
 from jetmoe.errors import ConfigError, MissingFileError, UserError
 from jetmoe.files import atomic_write_text
 from jetmoe.data.config import DataConfig
@@ -44,9 +47,13 @@ from jetmoe.training.config import (
 from jetmoe.training.expert_callback import ExpertUtilizationCallback
 from jetmoe.training.host_memory import retain_freed_memory
 from jetmoe.distributed import save_hf
+from jetmoe.errors import MissingFileError, UserError
+from jetmoe.eval.callback import build_downstream_callback
+from jetmoe.eval.harness import run_lm_eval
 from jetmoe.distributed.strategy import FSDP2Strategy
 from jetmoe.training.module import JetMoeLitModule
 from jetmoe.training.reliability import AtomicCheckpointIO, NonFiniteGuard, resumable_checkpoint
+from jetmoe.training.report import EVAL_DIR, LM_EVAL_KIND, complete_export
 
 CHECKPOINTS, TENSORBOARD, HF_EXPORT = "checkpoints", "tb", "hf"
 LAST_CKPT = "last.ckpt"
@@ -98,9 +105,9 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         save_hf(module.model, run_dir / HF_EXPORT)
     if not trainer.is_global_zero:
         return summary
-    export(None if sharded else module.model, data.tokenizer_path, run_dir / HF_EXPORT)
     metrics = _final_metrics(trainer, module, wall_time)
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    export(None if sharded else module.model, data.tokenizer_path, run_dir / HF_EXPORT, build_model_config(m), run_dir)
     summary["metrics"] = metrics
     if cfg.run.sample_tokens:
         model = load_run_model(run_dir)[0] if sharded else module.model  # sharded weights: use the export
@@ -152,6 +159,9 @@ def _build_trainer(cfg: ExperimentConfig, run_dir: Path) -> L.Trainer:
         NonFiniteGuard(cfg.optim.on_nonfinite),
         ProgressLog(t.log_every_n_steps),  # plain lines instead of a redrawn bar: same in a terminal and a log file
     ]
+    downstream = build_downstream_callback(cfg.downstream, run_dir)  # reads the task files: bad ones stop here
+    if downstream is not None:
+        callbacks.append(downstream)
     if cfg.run.expert_metrics:
         callbacks.append(
             ExpertUtilizationCallback(
@@ -209,25 +219,34 @@ def _final_metrics(trainer: L.Trainer, module: JetMoeLitModule, wall_time: float
     }
 
 
-def export(model: JetMoeForCausalLM | None, tokenizer_path: str | Path, hf_dir: Path) -> None:
+def export(
+    model: JetMoeForCausalLM | None, tokenizer_path: str | Path, hf_dir: Path, config: JetMoeConfig, run_dir: Path
+) -> None:
     """Write the HF-format model (config.json, model.safetensors; skipped for None, already exported by
-    `jetmoe.distributed.save_hf` under FSDP) plus its tokenizer.json."""
+    `jetmoe.distributed.save_hf` under FSDP), then what makes it a complete HF directory: tokenizer files,
+    generation config, the run's figures and model card (`jetmoe.training.report.complete_export`)."""
     if model is not None:
         save_pretrained(model, hf_dir)
-    shutil.copyfile(tokenizer_path, hf_dir / TOKENIZER_FILE)
+    complete_export(run_dir, hf_dir, config, tokenizer_path)
 
 
 # ----------------------------------------------------------------------------- generation / evaluation
 
 
-def load_run_model(path: str | Path) -> tuple[JetMoeForCausalLM, Tokenizer]:
-    """Model and tokenizer from a run directory (its ``hf/``) or an HF model directory."""
+def model_dir_of(path: str | Path) -> Path:
+    """The HF model directory of a run directory (its ``hf/``), or ``path`` itself when it is one."""
     path = Path(path)
     hf_dir = path / HF_EXPORT if (path / HF_EXPORT / "config.json").is_file() else path
     if not (hf_dir / "config.json").is_file():
         raise MissingFileError(
             f"{path} is neither a run directory (with {HF_EXPORT}/) nor a model directory (with config.json)"
         )
+    return hf_dir
+
+
+def load_run_model(path: str | Path) -> tuple[JetMoeForCausalLM, Tokenizer]:
+    """Model and tokenizer from a run directory (its ``hf/``) or an HF model directory."""
+    hf_dir = model_dir_of(path)
     if not (hf_dir / TOKENIZER_FILE).is_file():
         raise MissingFileError(f"{hf_dir} has no {TOKENIZER_FILE}")
     model = load_pretrained(hf_dir)
@@ -321,3 +340,58 @@ def evaluate(
 def _training_seq_len(path: Path) -> int | None:
     """``data.seq_len`` of a run directory's config, if ``path`` is one."""
     return load_run_config(path).data.seq_len if (path / RUN_CONFIG).is_file() else None
+
+
+# ----------------------------------------------------------------------------- jetmoe eval results
+
+
+def eval_output_dir(path: str | Path, output_dir: str | Path | None = None) -> Path | None:
+    """Where ``jetmoe eval`` writes results: ``output_dir``, else ``RUN_DIR/eval`` for a run directory (None for a
+    bare model directory: nothing is written into it)."""
+    if output_dir is not None:
+        return Path(output_dir)
+    return Path(path) / EVAL_DIR if model_dir_of(path) != Path(path) else None
+
+
+def write_eval_result(out_dir: Path, kind: str, result: dict[str, Any]) -> Path:
+    """``<out_dir>/<kind>-<UTC time>.json`` (never overwriting an earlier result)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+    path, n = out_dir / f"{kind}-{stamp}.json", 1
+    while path.exists():
+        path, n = out_dir / f"{kind}-{stamp}-{n}.json", n + 1
+    atomic_write_text(path, json.dumps(result, indent=1, default=str) + "\n")
+    return path
+
+
+def evaluate_tasks(
+    path: str | Path,
+    tasks: Sequence[str],
+    *,
+    num_fewshot: int | None = None,
+    limit: int | None = None,
+    batch_size: int = 8,
+    device: str | None = None,
+    output_dir: Path | None = None,
+) -> tuple[dict[str, Any], Path | None]:
+    """lm-evaluation-harness ``tasks`` (:mod:`jetmoe.eval.harness`) on a run's export or an HF model directory.
+
+    Returns lm-eval's results and the file they were written to (``lm_eval-<UTC time>.json`` in ``output_dir``,
+    None without one). For a run directory the export's model card is rewritten to include them.
+    """
+    if not tasks:
+        raise UserError("--tasks: name at least one task")
+    if limit is not None and limit < 1:
+        raise UserError(f"--limit must be >= 1, got {limit}")
+    if batch_size < 1:
+        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
+    hf_dir = model_dir_of(path)
+    with tempfile.TemporaryDirectory(prefix="jetmoe-tasks-") as work:  # JSON-lines copies of local tasks
+        results = run_lm_eval(hf_dir, tasks, work_dir=work, num_fewshot=num_fewshot, limit=limit,
+                              batch_size=batch_size, device=device)
+    written = None
+    if output_dir is not None:
+        written = write_eval_result(output_dir, LM_EVAL_KIND, {k: v for k, v in results.items() if k != "samples"})
+    if written is not None and written.parent.resolve() == (Path(path) / EVAL_DIR).resolve():  # a run's own results
+        complete_export(path, hf_dir, hf_io.load_config(hf_dir), None)
+    return results, written
