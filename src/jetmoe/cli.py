@@ -1,9 +1,10 @@
-"""The ``jetmoe`` command: train, generate, eval, report.
+"""The ``jetmoe`` command: prepare, train, generate, eval, report, sweep, plan, consolidate.
 
 The only module that reads argv, prints and sets exit codes. User errors (bad config or arguments,
 missing or unreadable files, an unwritable run directory) print ``jetmoe: error: <message>`` on
 stderr and exit with status 2, without a traceback.
 
+    jetmoe prepare experiments/default.yaml [key=value ...]
     jetmoe train experiments/default.yaml [key=value ...] [group=name ...] [--resume]
     jetmoe generate runs/default --prompt "def " [--max-new-tokens 200 --temperature 0.8 --top-k 50 --greedy]
     jetmoe eval runs/default data.txt [more.txt ...] [--seq-len 256 --batch-size 8]
@@ -80,7 +81,12 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jetmoe", description="Train and use JetMoE models.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    p = commands.add_parser("train", help="train an experiment YAML")
+    p = commands.add_parser("prepare", help="tokenize an experiment's sources into its token store (resumable)")
+    p.add_argument("experiment", help="experiment YAML, e.g. experiments/default.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides or group swaps, as for train")
+    p.set_defaults(command=_prepare)
+
+    p = commands.add_parser("train", help="train an experiment YAML (preparing its token store when missing)")
     p.add_argument("experiment", help="experiment YAML, e.g. experiments/default.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides (optim.lr=1e-3) or group swaps (model=tiny)")
@@ -130,6 +136,21 @@ def _parser() -> argparse.ArgumentParser:
     p.set_defaults(command=_consolidate)
 
     return parser
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from jetmoe.training.config import load_config
+    from jetmoe.training.run import prepare
+
+    summaries = prepare(load_config(args.experiment, args.overrides))
+    print(f"{'source':<16} {'train tokens':>15} {'val tokens':>13} {'documents':>11} {'shards':>11} {'disk':>10}")
+    for s in summaries:
+        shards = f"{s.built_shards} new/{s.shards}" if s.built_shards else f"{s.shards} kept"
+        print(f"{s.name:<16} {s.tokens['train']:>15,} {s.tokens['val']:>13,} "
+              f"{s.documents['train'] + s.documents['val']:>11,} {shards:>11} {s.bytes / 1e6:>8,.1f}MB")
+    total = sum(s.tokens["train"] + s.tokens["val"] for s in summaries)
+    disk = sum(s.bytes for s in summaries)
+    print(f"{'total':<16} {total:>29,} tokens {disk / 1e6:>27,.1f}MB  in {summaries[0].path.parent}")
 
 
 def _train(args: argparse.Namespace) -> None:

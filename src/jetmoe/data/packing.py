@@ -13,6 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 from tokenizers import Tokenizer
 
+from jetmoe.errors import InputFileError
+
 ENCODE_BATCH = 256  # documents per encode_batch call (bounds the memory of the Encoding objects)
 
 
@@ -68,7 +70,7 @@ def encode_documents(
 def pack_stream(stream: np.ndarray, doc_lengths: np.ndarray, seq_len: int, eos_token_id: int) -> PackedWindows:
     """Cut the stream into [N, seq_len] windows, wrapping around to fill the last one."""
     if len(stream) == 0:
-        raise ValueError("nothing to pack: the documents encode to no tokens")
+        raise InputFileError("nothing to pack: the documents encode to no tokens")
     num_windows = -(-len(stream) // seq_len)
     input_ids_NT = np.resize(stream, num_windows * seq_len).reshape(num_windows, seq_len)  # resize repeats the stream
     doc_ends = np.cumsum(doc_lengths)

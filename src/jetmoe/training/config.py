@@ -39,6 +39,8 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from jetmoe.config import JetMoeConfig
 from jetmoe.data.config import DataConfig, validate_data_config
+from jetmoe.data.mixture import phase_start_steps
+from jetmoe.errors import ConfigError
 
 SCHEDULES = ("wsd", "cosine", "constant")
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -47,8 +49,6 @@ CLI_SOURCE = "command line"
 MISSING_VALUE = "???"  # omegaconf's marker for a required value
 
 
-class ConfigError(ValueError):
-    """A user-facing configuration error; ``str(err)`` is one line naming the file and key."""
 
 
 #: JetMoeConfig fields an experiment does not set: inference switches, classification heads, the HF v5 spelling
@@ -427,6 +427,10 @@ def _problems(cfg: ExperimentConfig) -> Iterator[str]:
     if o.schedule == "wsd" and o.warmup_steps > stable_end:
         yield (f"optim.warmup_steps ({o.warmup_steps}) runs into the WSD decay: it must be <= "
                f"trainer.max_steps * (1 - optim.decay_fraction) ({stable_end})")
+    try:
+        data_phase_steps(cfg)
+    except ValueError as err:
+        yield str(err)
     if t.strategy not in STRATEGIES:
         yield f"trainer.strategy must be one of {', '.join(STRATEGIES)}, got {t.strategy!r}"
     if t.precision not in PRECISIONS:
@@ -440,6 +444,18 @@ def _problems(cfg: ExperimentConfig) -> Iterator[str]:
         yield f"run.sample_tokens must be >= 0, got {r.sample_tokens}"
     if not r.name or "/" in r.name or r.name in (".", ".."):
         yield f"run.name must be a plain directory name, got {r.name!r}"
+
+
+def wsd_decay_start(max_steps: int, decay_fraction: float) -> int:
+    """The first optimizer step of the WSD decay (where JetMoE's phase-2 data mixture starts)."""
+    return max_steps - round(decay_fraction * max_steps)
+
+
+def data_phase_steps(cfg: ExperimentConfig) -> list[int]:
+    """The optimizer step at which each of ``data.phases`` starts ("decay": the WSD decay's first step)."""
+    o, t = cfg.optim, cfg.trainer
+    decay_start = wsd_decay_start(t.max_steps, o.decay_fraction) if o.schedule == "wsd" and o.decay_fraction else None
+    return phase_start_steps(cfg.data, max_steps=t.max_steps, decay_start=decay_start)
 
 
 def build_model_config(m: ModelConfig) -> JetMoeConfig:

@@ -30,13 +30,14 @@ from omegaconf import OmegaConf
 from tokenizers import Tokenizer
 
 from jetmoe import JetMoeForCausalLM
-from jetmoe.data.config import DataConfig
+from jetmoe.data.config import SourceConfig
 from jetmoe.data.datamodule import JetMoeDataModule
 from jetmoe.data.packing import document_position_ids, encode_documents
+from jetmoe.data.prepare import SourceSummary, prepare_store
 from jetmoe.data.sources import read_files, resolve_files
-from jetmoe.data.tokenizer import read_tokenizer
-from jetmoe.training.callbacks import ProgressLog, ValidateOnLastStep
-from jetmoe.training.config import ConfigError, ExperimentConfig, build_model_config, to_yaml
+from jetmoe.data.tokenizer import SpecialTokens, read_tokenizer
+from jetmoe.training.callbacks import MixtureLog, ProgressLog, ValidateOnLastStep
+from jetmoe.training.config import ConfigError, ExperimentConfig, build_model_config, data_phase_steps, to_yaml
 from jetmoe.training.expert_callback import ExpertUtilizationCallback
 from jetmoe.training.host_memory import retain_freed_memory
 from jetmoe.distributed import save_hf
@@ -75,6 +76,7 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         eos_token_id=m.eos_token_id,
         pad_token_id=m.pad_token_id,
         seed=cfg.run.seed,
+        phase_steps=data_phase_steps(cfg),
     )
     module = JetMoeLitModule(cfg)
 
@@ -96,12 +98,21 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         return summary
     export(None if sharded else module.model, data.tokenizer_path, run_dir / HF_EXPORT)
     metrics = _final_metrics(trainer, module, wall_time)
+    metrics["data_mix"] = data.mixture.summary(data.train_loader.batches)  # realized shares, whole run and phases
     (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2) + "\n")
     summary["metrics"] = metrics
     if cfg.run.sample_tokens:
         model = load_pretrained(run_dir)[0] if sharded else module.model  # sharded weights: use the export
         summary["sample"] = sample(model, data.tokenizer, cfg.run.sample_prompt, cfg.run.sample_tokens, seed=cfg.run.seed)
     return summary
+
+
+def prepare(cfg: ExperimentConfig) -> list[SourceSummary]:
+    """Tokenize every source of ``cfg`` into its token store (``jetmoe prepare``); missing or damaged shards are
+    rebuilt, finished ones kept."""
+    m = cfg.model
+    special = SpecialTokens(pad_token_id=m.pad_token_id, bos_token_id=m.bos_token_id, eos_token_id=m.eos_token_id)
+    return prepare_store(cfg.data, vocab_size=m.vocab_size, special=special)
 
 
 def _prepare_run_dir(run_dir: Path, last_ckpt: Path, resume: bool, config_yaml: str) -> None:
@@ -135,6 +146,7 @@ def _build_trainer(cfg: ExperimentConfig, run_dir: Path) -> L.Trainer:
         ValidateOnLastStep(),
         NonFiniteGuard(cfg.optim.on_nonfinite),
         ProgressLog(t.log_every_n_steps),  # plain lines instead of a redrawn bar: same in a terminal and a log file
+        MixtureLog(t.log_every_n_steps * t.accumulate_grad_batches),  # data/mix/<source> in TensorBoard
     ]
     if cfg.run.expert_metrics:
         callbacks.append(
@@ -274,8 +286,8 @@ def evaluate(
     missing = [f for f in files if not glob.has_magic(f) and not Path(f).expanduser().exists()]
     if missing:
         raise FileNotFoundError(f"file not found: {missing[0]}")
-    data = DataConfig()
-    docs = read_files(resolve_files(files), data.text_field, data.text_split, data.cache_dir)
+    src = SourceConfig()
+    docs = read_files(resolve_files(files), src.text_field, src.text_split)
     eos = model.config.eos_token_ids[0]
     stream, _ = encode_documents(tokenizer, docs, eos, np.dtype(np.int64))
     full = len(stream) // seq_len * seq_len
