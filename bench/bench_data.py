@@ -247,8 +247,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         work = Path(tmp)
         tokenizer_path = work / "tokenizer.json"
-        docs = [read_lenient(f) for f in stdlib_files()]
-        train_tokenizer(docs, 4096, SpecialTokens()).save(str(tokenizer_path))
+        files = stdlib_files()[: 60 if args.quick else None]
+        train_tokenizer([read_lenient(f) for f in files], 4096, SpecialTokens()).save(str(tokenizer_path))
         if "throughput" in only:
             results["throughput"] = bench_throughput(work, throughput_mb, tokenizer_path)
         if "rss" in only:

@@ -255,8 +255,10 @@ def test_prepare_tokenizes_once_and_reports_tokens_per_source(tmp_path, capsys, 
     row = next(line for line in out.splitlines() if line.startswith("stdlib "))
     assert "1 new/1" in row and row.rstrip().endswith("MB")
     assert out.splitlines()[-1].startswith("total") and f"{tmp_path}/cache/store-bpe-" in out
-    assert main(args) == 0
+    assert main([*args, "--source", "stdlib"]) == 0
     assert "1 kept" in capsys.readouterr().out  # prepared already: nothing is read or tokenized again
+    assert main([*args, "--source", "web"]) == 2
+    assert "--source 'web' is not a source of this experiment (stdlib)" in _last_error(capsys.readouterr().err)
 
 
 def test_a_store_of_another_tokenizer_or_a_damaged_shard_fails_cleanly_and_keeps_the_store(tmp_path, capsys):

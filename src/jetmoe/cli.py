@@ -4,7 +4,7 @@ The only module that reads argv, prints and sets exit codes. User errors (bad co
 missing or unreadable files, an unwritable run directory) print ``jetmoe: error: <message>`` on
 stderr and exit with status 2, without a traceback.
 
-    jetmoe prepare experiments/default.yaml [key=value ...]
+    jetmoe prepare experiments/default.yaml [key=value ...] [--source NAME ...]
     jetmoe train experiments/default.yaml [key=value ...] [group=name ...] [--resume]
     jetmoe generate runs/default --prompt "def " [--max-new-tokens 200 --temperature 0.8 --top-k 50 --greedy]
     jetmoe eval runs/default data.txt [more.txt ...] [--seq-len 256 --batch-size 8]
@@ -84,6 +84,8 @@ def _parser() -> argparse.ArgumentParser:
     p = commands.add_parser("prepare", help="tokenize an experiment's sources into its token store (resumable)")
     p.add_argument("experiment", help="experiment YAML, e.g. experiments/default.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides or group swaps, as for train")
+    p.add_argument("--source", action="append", default=[], metavar="NAME",
+                   help="prepare only this source (repeatable): one machine per source of a large mixture")
     p.set_defaults(command=_prepare)
 
     p = commands.add_parser("train", help="train an experiment YAML (preparing its token store when missing)")
@@ -142,7 +144,7 @@ def _prepare(args: argparse.Namespace) -> None:
     from jetmoe.training.config import load_config
     from jetmoe.training.run import prepare
 
-    summaries = prepare(load_config(args.experiment, args.overrides))
+    summaries = prepare(load_config(args.experiment, args.overrides), args.source)
     print(f"{'source':<16} {'train tokens':>15} {'val tokens':>13} {'documents':>11} {'shards':>11} {'disk':>10}")
     for s in summaries:
         shards = f"{s.built_shards} new/{s.shards}" if s.built_shards else f"{s.shards} kept"

@@ -19,7 +19,7 @@ import json
 import logging
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -148,7 +148,6 @@ def ensure_tokenizer(cfg: DataConfig, root: Path, recipe: TokenizerRecipe, speci
     """The root's tokenizer: copied from the user's file or trained (then saved) on its first use."""
     if _check_root(root, recipe) is not None and (root / TOKENIZER_FILE).is_file():
         return read_tokenizer(root / TOKENIZER_FILE)
-    root.mkdir(parents=True, exist_ok=True)
     if recipe.user_tokenizer is not None:
         tokenizer = recipe.user_tokenizer
     else:
@@ -186,8 +185,9 @@ def validation_documents(cfg: DataConfig) -> Iterator[str]:
 # ----------------------------------------------------------------------------- preparing
 
 
-def prepare_store(cfg: DataConfig, *, vocab_size: int, special: SpecialTokens, repair: bool = True) -> list[SourceSummary]:
-    """Tokenize every source that is not in the store yet.
+def prepare_store(cfg: DataConfig, *, vocab_size: int, special: SpecialTokens, repair: bool = True,
+                  only: Optional[Sequence[str]] = None) -> list[SourceSummary]:
+    """Tokenize every source (or the sources named in `only`) that is not in the store yet.
 
     With `repair`, a prepared source's shards are checked too and any missing or damaged one is rebuilt (what
     `jetmoe prepare` does); without, a prepared source is taken as it is (what `jetmoe train` does before opening
@@ -195,11 +195,18 @@ def prepare_store(cfg: DataConfig, *, vocab_size: int, special: SpecialTokens, r
     """
     recipe = tokenizer_recipe(cfg, vocab_size, special)
     root = store_root(cfg, recipe)
-    tokenizer = ensure_tokenizer(cfg, root, recipe, special, vocab_size)
+    root.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(root / ".lock")):  # ranks sharing the store: one trains the BPE, the others read it
+        tokenizer = ensure_tokenizer(cfg, root, recipe, special, vocab_size)
     sha = tokenizer_sha256(tokenizer)
     dtype = token_dtype(max(tokenizer.get_vocab_size(with_added_tokens=True), special.eos_token_id + 1))
+    unknown = [name for name in only or () if name not in cfg.sources]
+    if unknown:
+        raise ConfigError(f"--source {unknown[0]!r} is not a source of this experiment ({', '.join(cfg.sources)})")
     summaries = []
     for name, src in cfg.sources.items():
+        if only and name not in only:
+            continue
         path = source_dir(root, name, src, cfg, sha, special.eos_token_id)
         path.mkdir(parents=True, exist_ok=True)
         with FileLock(str(path / ".lock")):

@@ -35,7 +35,7 @@ TEXT_BLOCK_CHARS = 1 << 20
 READ_BYTES = 1 << 20
 STDLIB_TEST_DIRS = frozenset({"test", "tests", "idle_test"})
 ROW_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # any other suffix: UTF-8 text
-COMPRESSION = (".gz", ".bz2", ".xz", ".zst")  # around json/jsonl rows: decompressed by datasets
+COMPRESSION = (".gz", ".bz2", ".xz")  # around json/jsonl rows: decompressed by datasets
 
 
 def iter_documents(src: SourceConfig, *, max_chars: Optional[int], cache_dir: str, where: str) -> Iterator[str]:

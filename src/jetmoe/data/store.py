@@ -176,13 +176,6 @@ class TokenStream:
             pos = (pos + len(piece)) % self.num_tokens
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
-    def windows(self, indices: np.ndarray, seq_len: int) -> np.ndarray:
-        """[len(indices), seq_len] ids of the given windows."""
-        out = np.empty((len(indices), seq_len), dtype=self.arrays[0].dtype)
-        for row, j in enumerate(indices):
-            out[row] = self.read(int(j) * seq_len, seq_len)
-        return out
-
 
 @dataclass
 class SourceStore:

@@ -107,12 +107,12 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     return summary
 
 
-def prepare(cfg: ExperimentConfig) -> list[SourceSummary]:
-    """Tokenize every source of ``cfg`` into its token store (``jetmoe prepare``); missing or damaged shards are
-    rebuilt, finished ones kept."""
+def prepare(cfg: ExperimentConfig, sources: Sequence[str] = ()) -> list[SourceSummary]:
+    """Tokenize every source of ``cfg`` (or only ``sources``) into its token store (``jetmoe prepare``); missing
+    or damaged shards are rebuilt, finished ones kept."""
     m = cfg.model
     special = SpecialTokens(pad_token_id=m.pad_token_id, bos_token_id=m.bos_token_id, eos_token_id=m.eos_token_id)
-    return prepare_store(cfg.data, vocab_size=m.vocab_size, special=special)
+    return prepare_store(cfg.data, vocab_size=m.vocab_size, special=special, only=sources or None)
 
 
 def _prepare_run_dir(run_dir: Path, last_ckpt: Path, resume: bool, config_yaml: str) -> None:
