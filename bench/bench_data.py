@@ -129,12 +129,14 @@ def prepare_rss(work: Path, megabytes: float, tokenizer_path: Path) -> dict:
     )
     log(f"memory: jetmoe prepare on {chars / 1e6:.0f}M characters")
     start = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "jetmoe.cli", "prepare", str(experiment)], cwd=work,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    _, status, usage = os.wait4(proc.pid, 0)
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    if proc.returncode:
-        raise RuntimeError(f"jetmoe prepare failed: {proc.stderr.read().decode()[-2000:]}")
+    with open(work / "prepare.log", "w+b") as stderr:  # a file, not a pipe: its progress lines never block it
+        proc = subprocess.Popen([sys.executable, "-m", "jetmoe.cli", "prepare", str(experiment)], cwd=work,
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode:
+            stderr.seek(0)
+            raise RuntimeError(f"jetmoe prepare failed: {stderr.read().decode()[-2000:]}")
     corpus.unlink()
     return {"chars": chars, "peak_rss_bytes": usage.ru_maxrss * 1024, "wall_s": time.perf_counter() - start}
 
@@ -244,24 +246,34 @@ def main(argv: list[str] | None = None) -> int:
     only = set(args.only or ("throughput", "rss", "loading", "mixture"))
 
     results: dict = {"machine": machine_name(torch.device("cpu")), "command": " ".join(["python", *sys.argv])}
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+
+    def save() -> str:  # after every figure: a run stopped early keeps what it measured
+        (args.out_dir / "data.json").write_text(json.dumps(results, indent=2) + "\n")
+        text = markdown(results)
+        (args.out_dir / "data.md").write_text(text)
+        return text
+
     with tempfile.TemporaryDirectory(prefix="bench-data-") as tmp:
         work = Path(tmp)
         tokenizer_path = work / "tokenizer.json"
         files = stdlib_files()[: 60 if args.quick else None]
         train_tokenizer([read_lenient(f) for f in files], 4096, SpecialTokens()).save(str(tokenizer_path))
-        if "throughput" in only:
-            results["throughput"] = bench_throughput(work, throughput_mb, tokenizer_path)
-        if "rss" in only:
-            results["rss"] = [prepare_rss(work, mb, tokenizer_path) for mb in sorted(rss_mb)]
-        if "loading" in only:
-            results["loading"] = bench_loading(work, steps, args.quick)
         if "mixture" in only:
             results["mixture"] = bench_mixture(work)
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "data.json").write_text(json.dumps(results, indent=2) + "\n")
-    text = markdown(results)
-    (args.out_dir / "data.md").write_text(text)
-    print(text)
+            save()
+        if "loading" in only:
+            results["loading"] = bench_loading(work, steps, args.quick)
+            save()
+        if "throughput" in only:
+            results["throughput"] = bench_throughput(work, throughput_mb, tokenizer_path)
+            save()
+        if "rss" in only:
+            results["rss"] = []
+            for mb in sorted(rss_mb):
+                results["rss"].append(prepare_rss(work, mb, tokenizer_path))
+                save()
+    print(save())
     return 0
 
 

@@ -166,5 +166,5 @@ def test_progress_lines_name_documents_rate_and_eta(jsonl_config, tmp_path, smal
     with caplog.at_level("INFO", logger="jetmoe.data"):
         prepare_store(shard_config(jsonl_config, tmp_path), vocab_size=VOCAB, special=SPECIAL)
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("prepare code: ")]
-    assert any("documents" in line and "characters/s" in line and "ETA" in line for line in lines)
+    assert any("documents" in line and "tokens/s" in line and "ETA" in line for line in lines)
     assert lines[-1].startswith("prepare code: done,") and "train + " in lines[-1] and "MB" in lines[-1]

@@ -51,7 +51,7 @@ def phase_start_steps(cfg: DataConfig, *, max_steps: Optional[int] = None,
         key = f"data.phases[{i}].start"
         if phase.start == DECAY:
             if decay_start is None:
-                raise ConfigError(f"{key} 'decay' needs optim.schedule 'wsd' (a schedule with a decay phase)")
+                raise ConfigError(f"{key} 'decay' needs optim.schedule 'wsd' with optim.decay_fraction > 0")
             step = decay_start
         elif isinstance(phase.start, float):
             if max_steps is None:

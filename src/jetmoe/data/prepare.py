@@ -309,8 +309,8 @@ def _build_shards(name: str, path: Path, cfg: DataConfig, tokenizer: Tokenizer, 
 
     def finish(chunk: Chunk, future: Optional[Future]) -> None:
         nonlocal writer, built
-        progress.update(chunk, future is not None)
         if future is None:
+            progress.update(chunk, tokens=None)
             meta = kept_at.get(chunk.index)
             if meta is not None:
                 if meta.index != len(shards):
@@ -320,7 +320,9 @@ def _build_shards(name: str, path: Path, cfg: DataConfig, tokenizer: Tokenizer, 
             return
         if writer is None:
             writer = ShardWriter(path, len(shards), chunk.index, dtype)
-        for split, (tokens, documents) in future.result().items():
+        encoded = future.result()
+        progress.update(chunk, tokens=sum(len(tokens) for tokens, _ in encoded.values()))
+        for split, (tokens, documents) in encoded.items():
             writer.append(split, tokens, documents)
         if writer.meta.tokens["train"] >= cfg.shard_tokens or chunk.index + 1 in kept_at:
             shards.append(writer.commit(chunk.index + 1))
@@ -352,28 +354,34 @@ def _build_shards(name: str, path: Path, cfg: DataConfig, tokenizer: Tokenizer, 
 
 
 class _Progress:
-    """A log line every PROGRESS_SECONDS: documents, tokens, tokens/s and, when the size is known, the ETA."""
+    """A log line every PROGRESS_SECONDS: documents, tokens, tokens/s and, when the size is known, the ETA.
+
+    Chunks of kept shards (a resumed prepare) count as read, not as tokenized: the rate is this run's work.
+    """
 
     def __init__(self, name: str, cfg: DataConfig):
         self.name = name
         self.total_chars = _expected_chars(cfg.sources[name], cfg.max_chars)
         self.start = self.last = time.perf_counter()
-        self.documents = self.chars = self.encoded_chars = 0
+        self.documents = self.chars = self.tokens = self.encoded_chars = 0
 
-    def update(self, chunk: Chunk, encoded: bool) -> None:
+    def update(self, chunk: Chunk, tokens: Optional[int]) -> None:
         self.documents += len(chunk.docs)
         self.chars += chunk.chars
-        self.encoded_chars += chunk.chars if encoded else 0
+        if tokens is not None:
+            self.tokens += tokens
+            self.encoded_chars += chunk.chars
         now = time.perf_counter()
         if now - self.last < PROGRESS_SECONDS:
             return
         self.last = now
-        rate = self.encoded_chars / (now - self.start)
-        parts = [f"prepare {self.name}: {self.documents:,} documents", f"{self.chars / 1e6:,.1f}M characters",
-                 f"{rate / 1e6:.2f}M characters/s"]
+        elapsed = now - self.start
+        parts = [f"prepare {self.name}: {self.documents:,} documents", f"{self.tokens / 1e6:,.1f}M tokens",
+                 f"{self.tokens / elapsed / 1e6:.2f}M tokens/s"]
         if self.total_chars:
+            chars_per_s = max(self.encoded_chars / elapsed, 1.0)
             left = max(0, self.total_chars - self.chars)
-            parts.append(f"{min(1.0, self.chars / self.total_chars):.0%}, ETA {left / max(rate, 1.0):.0f}s")
+            parts.append(f"{min(1.0, self.chars / self.total_chars):.0%} read, ETA {left / chars_per_s / 60:.1f} min")
         log.info(" | ".join(parts))
 
 

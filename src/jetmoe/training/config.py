@@ -49,8 +49,6 @@ CLI_SOURCE = "command line"
 MISSING_VALUE = "???"  # omegaconf's marker for a required value
 
 
-
-
 #: JetMoeConfig fields an experiment does not set: inference switches, classification heads, the HF v5 spelling
 #: of rope_theta.
 _NOT_EXPERIMENT_FIELDS = ("output_router_logits", "use_cache", "num_labels", "problem_type", "rope_parameters")
