@@ -405,11 +405,8 @@ def open_store(cfg: DataConfig, *, vocab_size: int, special: SpecialTokens) -> S
     root = store_root(cfg, recipe)
     if _check_root(root, recipe) is None or not (root / TOKENIZER_FILE).is_file():
         raise MissingFileError(f"{root}: no prepared store for this run's tokenizer; run {PREPARE_HINT}")
-    tokenizer = read_tokenizer(root / TOKENIZER_FILE)
+    tokenizer = read_tokenizer(root / TOKENIZER_FILE)  # its key matched: it fits the model (tokenizer_recipe)
     sha = tokenizer_sha256(tokenizer)
-    size = tokenizer.get_vocab_size(with_added_tokens=True)
-    if size > vocab_size:
-        raise ConfigError(f"{root / TOKENIZER_FILE}: tokenizer vocab {size} > model.vocab_size {vocab_size}")
     sources = {
         name: open_source(name, source_dir(root, name, src, cfg, sha, special.eos_token_id),
                           tokenizer_sha256=sha, prepare_hint=PREPARE_HINT)

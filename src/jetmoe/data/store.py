@@ -127,9 +127,19 @@ def finished_shards(directory: Path, dtype: np.dtype) -> dict[int, ShardMeta]:
             meta = ShardMeta(**json.loads(record.read_text()))
         except (ValueError, TypeError):
             continue  # unreadable: rebuilt
-        if all(_size(directory / shard_file(s, meta.index)) == meta.tokens[s] * dtype.itemsize for s in SPLITS):
+        if damaged_file(directory, meta.index, meta.tokens, dtype) is None:
             shards[meta.index] = meta
     return shards
+
+
+def damaged_file(directory: Path, index: int, tokens: dict[str, int], dtype: np.dtype) -> tuple[Path, int, int] | None:
+    """The first file of shard `index` not of its recorded size: (path, its size or -1 when missing, expected)."""
+    for split in SPLITS:
+        path, expected = directory / shard_file(split, index), tokens[split] * dtype.itemsize
+        size = _size(path)
+        if size != expected:
+            return path, size, expected
+    return None
 
 
 def _size(path: Path) -> int:
@@ -155,7 +165,6 @@ class TokenStream:
     """
 
     def __init__(self, arrays: list[np.ndarray]):
-        arrays = [a for a in arrays if len(a)]
         self.arrays = arrays
         self.ends = np.cumsum([len(a) for a in arrays], dtype=np.int64)
         self.num_tokens = int(self.ends[-1]) if arrays else 0
@@ -197,23 +206,21 @@ def open_source(name: str, path: Path, *, tokenizer_sha256: str, prepare_hint: s
             f"prepare it again for this tokenizer ({prepare_hint})"
         )
     dtype = np.dtype(manifest["dtype"])
-    splits = {}
-    for split in SPLITS:
-        arrays = []
-        for shard in manifest["shards"]:
-            file = path / shard_file(split, shard["index"])
-            expected = shard["tokens"][split] * dtype.itemsize
-            size = _size(file)
+    for shard in manifest["shards"]:
+        damage = damaged_file(path, shard["index"], shard["tokens"], dtype)
+        if damage is not None:
+            file, size, expected = damage
             if size < 0:
                 raise MissingFileError(f"{file}: shard of source {name!r} is missing; rebuild it with {prepare_hint}")
-            if size != expected:
-                raise InputFileError(
-                    f"{file}: shard of source {name!r} is truncated or damaged ({size:,} bytes, the manifest says "
-                    f"{expected:,}); rebuild it with {prepare_hint}"
-                )
-            if expected:
-                arrays.append(np.memmap(file, dtype=dtype, mode="r"))
-        splits[split] = TokenStream(arrays)
+            raise InputFileError(
+                f"{file}: shard of source {name!r} is truncated or damaged ({size:,} bytes, the manifest says "
+                f"{expected:,}); rebuild it with {prepare_hint}"
+            )
+    splits = {
+        split: TokenStream([np.memmap(path / shard_file(split, s["index"]), dtype=dtype, mode="r")
+                            for s in manifest["shards"] if s["tokens"][split]])
+        for split in SPLITS
+    }
     return SourceStore(name=name, path=path, manifest=manifest, splits=splits)
 
 
