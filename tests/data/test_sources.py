@@ -73,6 +73,11 @@ def test_hub_source_streams_a_local_directory_through_load_dataset(tmp_path, mak
     assert read(SourceConfig(kind="hub", hub_name=str(tmp_path / "hubdir")), tmp_path) == docs
 
 
+def test_a_hub_dataset_that_cannot_be_streamed_is_named(tmp_path):
+    with pytest.raises(UserError, match=r"data.sources.x.hub_name '.*nowhere': cannot be streamed: Couldn't find"):
+        read(SourceConfig(kind="hub", hub_name=str(tmp_path / "nowhere")), tmp_path)
+
+
 def test_hub_source_calls_load_dataset_streaming_with_name_config_split(tmp_path, monkeypatch, make_docs):
     docs = make_docs(25)
     calls = []

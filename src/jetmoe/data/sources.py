@@ -48,8 +48,12 @@ def iter_documents(src: SourceConfig, *, max_chars: Optional[int], cache_dir: st
     elif src.kind == "files":
         docs = iter_files(resolve_files(src.data_files, f"{where}.data_files"), src.text_field, src.text_split)
     elif src.kind == "hub":
-        ds = datasets.load_dataset(src.hub_name, src.hub_config, split=src.hub_split, streaming=True,
-                                   cache_dir=datasets_cache(cache_dir))
+        try:
+            ds = datasets.load_dataset(src.hub_name, src.hub_config, split=src.hub_split, streaming=True,
+                                       cache_dir=datasets_cache(cache_dir))
+        except (FileNotFoundError, ConnectionError, ValueError) as err:  # no such dataset, config or split; offline
+            message = " ".join(str(err).split()) or type(err).__name__
+            raise MissingFileError(f"{where}.hub_name {src.hub_name!r}: cannot be streamed: {message}") from None
         docs = stream_column(ds, src.text_field, where=f"{where} ({src.hub_name})")
     else:
         ds = load_disk(src.disk_path, src.hub_split, where).to_iterable_dataset()
