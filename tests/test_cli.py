@@ -76,7 +76,8 @@ def test_tensorboard_has_the_training_curves(tiny_run):
     events = EventAccumulator(str(run_dir / "tb"))
     events.Reload()
     scalars = set(events.Tags()["scalars"])
-    assert {"train/loss", "train/ce", "train/aux", "train/z", "train/lr", "train/tokens_per_sec", "val/loss", "val/ppl"} <= scalars
+    assert {"train/loss", "train/ce", "train/aux", "train/z", "train/lr", "train/tokens_per_sec", "val/loss", "val/ppl",
+            "data/mix/stdlib"} <= scalars
     assert [e.step for e in events.Scalars("val/loss")] == [3, 7]  # steps 4 and 8 (0-based logger steps)
     # the built-in downstream task on the initial weights and at the last step (optimizer steps done)
     assert [e.step for e in events.Scalars("downstream/stdlib_next_line/acc_norm")] == [0, 8]
@@ -227,9 +228,16 @@ ERRORS = [
     (None, ["model.hidden_size=wide"], "command line: 'model.hidden_size' expects int, got 'wide'"),
     (None, ["model.num_experts_per_tok=5"], "model.num_experts_per_tok (5) must be <= num_local_experts (4)"),
     (None, ["data.seq_len=300"], "data.seq_len (300) must be <= model.max_position_embeddings (256)"),
-    (None, [*FILE_DATA, "data.data_files=[{tmp}/nope.txt]"], "nope.txt"),
-    (None, [*FILE_DATA, "data.data_files=[{tmp}/empty.txt]"], "empty.txt: file is empty"),
-    (None, [*FILE_DATA, "data.data_files=[{tmp}/latin1.txt]"], "latin1.txt: not UTF-8"),
+    (None, [*FILE_DATA, "data.sources.text.data_files=[{tmp}/nope.txt]"], "nope.txt"),
+    (None, [*FILE_DATA, "data.sources.text.data_files=[{tmp}/empty.txt]"], "empty.txt: file is empty"),
+    (None, [*FILE_DATA, "data.sources.text.data_files=[{tmp}/latin1.txt]"], "latin1.txt: not UTF-8"),
+    (None, ["data.sources.stdlib.weight=-1"], "data.sources.stdlib.weight must be a number >= 0, got -1.0"),
+    (None, ["data.sources.stdlib.weight=0"], "data.sources: the weights (stdlib=0.0) must sum to a positive number"),
+    (None, ["data.sources.web.kind=stdlib", "data.sources.web.weight=0"],
+     "data.sources.web.weight is 0 and no data.phases entry gives it a weight"),
+    (None, ["data.phases=[{{start: 4, weights: {{web: 1}}}}]"], "data.phases[0].weights: unknown source 'web'"),
+    (None, ["data.phases=[{{start: 6, weights: {{stdlib: 1}}}}, {{start: 0.5, weights: {{stdlib: 2}}}}]"],
+     "data.phases[1].start (0.5 = step 4) must come after data.phases[0] (step 6)"),
     (None, ["model.vocab_size=300", "data.tokenizer_path={tmp}/tok400.json"], "> model.vocab_size 300"),
     (None, ["run.output_dir={tmp}/a_file/runs"], "cannot write the run directory"),
     (None, ["downstream.tasks=[{{name: mine}}]"], "downstream.tasks[0].name: 'mine' is not a built-in task"),
@@ -269,7 +277,7 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tokenizer_400, caps
         (["eval", "{run}", "--tasks", "{tmp}/bad_label.jsonl"], "bad_label.jsonl:1: 'label' 3 is outside the 2 choices"),
         (["eval", "{run}", "--tasks", "stdlib_next_line,{tmp}/bad_json.jsonl"], "bad_json.jsonl:2: not valid JSON"),
         (["eval", "{run}", "--tasks", "hellaswg"], "--tasks: unknown task 'hellaswg' (did you mean 'hellaswag'"),
-        (["eval", "{run}", "--tasks", "stdlib_next_line", "--limit", "0"], "--limit must be >= 1, got 0"),
+        (["eval", "{run}", "--tasks", "stdlib_next_line", "--limit", "0"], "argument --limit: must be in [1, inf), got 0"),
         (["train", DEFAULT, "run.output_dir={runs}", "run.name=tiny"], "already holds a run: pass --resume"),
         (["train", DEFAULT, *TINY, "run.output_dir={tmp}", "--resume"], "--resume: no checkpoint in"),
         (["train", DEFAULT, *TINY, "model.hidden_size=32", "run.output_dir={runs}", "run.name=tiny", "--resume"],
@@ -313,3 +321,55 @@ def test_eval_tasks_without_lm_eval_say_how_to_install_it(tiny_run, capsys, monk
     assert main(["eval", str(tiny_run[0]), "--tasks", "stdlib_next_line"]) == 2
     err = capsys.readouterr().err
     assert "jetmoe: error: --tasks needs lm-evaluation-harness: pip install 'jetmoe[eval]'" in err
+
+
+# ----------------------------------------------------------------------------- jetmoe prepare
+
+
+def _store_files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _last_error(err: str) -> str:
+    errors = [line for line in err.splitlines() if line.startswith("jetmoe: error: ")]
+    assert len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    return errors[0]
+
+
+def test_prepare_tokenizes_once_and_reports_tokens_per_source(tmp_path, capsys, caplog):
+    args = ["prepare", DEFAULT, *TINY, f"data.cache_dir={tmp_path}/cache"]
+    with caplog.at_level("INFO", logger="jetmoe.data"):
+        assert main(args) == 0
+    out = capsys.readouterr().out
+    assert "prepare: training a BPE of vocab 512" in caplog.text and "prepare stdlib: done," in caplog.text
+    row = next(line for line in out.splitlines() if line.startswith("stdlib "))
+    assert "1 new/1" in row and row.rstrip().endswith("MB")
+    assert out.splitlines()[-1].startswith("total") and f"{tmp_path}/cache/store-bpe-" in out
+    assert main([*args, "--source", "stdlib"]) == 0
+    assert "1 kept" in capsys.readouterr().out  # prepared already: nothing is read or tokenized again
+    assert main([*args, "--source", "web"]) == 2
+    assert "--source 'web' is not a source of this experiment (stdlib)" in _last_error(capsys.readouterr().err)
+
+
+def test_a_store_of_another_tokenizer_or_a_damaged_shard_fails_cleanly_and_keeps_the_store(tmp_path, capsys):
+    store = tmp_path / "store"
+    common = [*TINY, f"data.store_dir={store}", f"data.cache_dir={tmp_path}/cache", f"run.output_dir={tmp_path}/runs"]
+    assert main(["prepare", DEFAULT, *common]) == 0
+    capsys.readouterr()
+    before = _store_files(store)
+
+    assert main(["train", DEFAULT, *common, "model.vocab_size=600"]) == 2
+    assert f"data.store_dir {store}: prepared for another tokenizer" in _last_error(capsys.readouterr().err)
+    assert main(["prepare", DEFAULT, *common, "model.vocab_size=600"]) == 2
+    assert "not this run's (a BPE of vocab 600" in _last_error(capsys.readouterr().err)
+    assert _store_files(store) == before
+
+    shard = next(store.glob("stdlib-*/train-00000.bin"))
+    shard.write_bytes(shard.read_bytes()[:-4])
+    assert main(["train", DEFAULT, *common]) == 2
+    assert "train-00000.bin: shard of source 'stdlib' is truncated" in _last_error(capsys.readouterr().err)
+    shard.unlink()
+    assert main(["train", DEFAULT, *common]) == 2
+    assert "train-00000.bin: shard of source 'stdlib' is missing" in _last_error(capsys.readouterr().err)
+    assert main(["prepare", DEFAULT, *common]) == 0  # rebuilds exactly the missing shard
+    assert "1 new/1" in capsys.readouterr().out and _store_files(store) == before

@@ -73,13 +73,17 @@ def train_tiny_run(output_dir: str | Path, steps: int = 60, max_chars: int = 300
 
 
 def validation_text(run_dir: str | Path, max_chars: int = 20_000) -> str:
-    """The run's held-out documents (same corpus, split and seed as its training), joined, capped at ``max_chars``."""
-    from jetmoe.data.sources import load_documents
+    """The run's held-out documents (same sources and split as its training), joined, capped at ``max_chars``."""
+    from jetmoe.data.prepare import validation_documents
     from jetmoe.training.config import load_run_config
 
     cfg = load_run_config(run_dir)
-    _, val_docs = load_documents(cfg.data, cfg.run.seed)
-    return "\n".join(val_docs)[:max_chars]
+    text = ""
+    for doc in validation_documents(cfg.data):
+        text += ("\n" if text else "") + doc
+        if len(text) >= max_chars:
+            break
+    return text[:max_chars]
 
 
 def load_checkpoints(run_dir: str | Path, model: JetMoeForCausalLM) -> dict[str, JetMoeForCausalLM]:

@@ -1,10 +1,11 @@
-"""The ``jetmoe`` command: train, generate, eval, report, sweep, plan, consolidate.
+"""The ``jetmoe`` command: prepare, train, generate, eval, report, sweep, plan, consolidate.
 
 The only module that reads argv, prints and sets exit codes. Bad input (a config key, a flag, a file: every
 `jetmoe.errors.UserError`) prints ``jetmoe: error: <one line>`` on stderr and exits with status 2, without a
 traceback; a run that failed through no fault of its input (`RunFailure`: its loss diverged, the disk filled up)
 prints one line and exits with status 1; anything else is a bug and keeps its traceback.
 
+    jetmoe prepare experiments/default.yaml [key=value ...] [--source NAME ...]
     jetmoe train experiments/default.yaml [key=value ...] [group=name ...] [--resume]
     jetmoe generate runs/default --prompt "def " [--max-new-tokens 200 --temperature 0.8 --top-k 50 --greedy]
     jetmoe eval runs/default data.txt [more.txt ...] [--seq-len 256 --batch-size 8]
@@ -108,7 +109,14 @@ def _parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="jetmoe", description="Train and use JetMoE models.")
     commands = parser.add_subparsers(required=True, metavar="COMMAND")
 
-    p = commands.add_parser("train", help="train an experiment YAML")
+    p = commands.add_parser("prepare", help="tokenize an experiment's sources into its token store (resumable)")
+    p.add_argument("experiment", help="experiment YAML, e.g. experiments/default.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="config overrides or group swaps, as for train")
+    p.add_argument("--source", action="append", default=[], metavar="NAME",
+                   help="prepare only this source (repeatable): one machine per source of a large mixture")
+    p.set_defaults(command=_prepare)
+
+    p = commands.add_parser("train", help="train an experiment YAML (preparing its token store when missing)")
     p.add_argument("experiment", help="experiment YAML, e.g. experiments/default.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="config overrides (optim.lr=1e-3) or group swaps (model=tiny)")
@@ -174,6 +182,21 @@ def _parser() -> argparse.ArgumentParser:
 
 
 # ----------------------------------------------------------------------------- commands
+
+
+def _prepare(args: argparse.Namespace) -> None:
+    from jetmoe.training.config import load_config
+    from jetmoe.training.run import prepare
+
+    summaries = prepare(load_config(args.experiment, args.overrides), args.source)
+    print(f"{'source':<16} {'train tokens':>15} {'val tokens':>13} {'documents':>11} {'shards':>11} {'disk':>10}")
+    for s in summaries:
+        shards = f"{s.built_shards} new/{s.shards}" if s.built_shards else f"{s.shards} kept"
+        print(f"{s.name:<16} {s.tokens['train']:>15,} {s.tokens['val']:>13,} "
+              f"{s.documents['train'] + s.documents['val']:>11,} {shards:>11} {s.bytes / 1e6:>8,.1f}MB")
+    total = sum(s.tokens["train"] + s.tokens["val"] for s in summaries)
+    disk = sum(s.bytes for s in summaries)
+    print(f"{'total':<16} {total:>29,} tokens {disk / 1e6:>27,.1f}MB  in {summaries[0].path.parent}")
 
 
 def _train(args: argparse.Namespace) -> None:

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from tokenizers import Tokenizer
 
-from jetmoe.data.config import DataConfig
+from jetmoe.data.config import DataConfig, SourceConfig
 from jetmoe.data.tokenizer import SpecialTokens, train_tokenizer
 
 WORDS = "alpha beta gamma delta value index count total result items".split()
@@ -47,10 +47,23 @@ def write_jsonl() -> Callable[..., Path]:
 
 @pytest.fixture
 def jsonl_config(tmp_path: Path) -> DataConfig:
-    """A `files` config over 60 documents in one .jsonl, with a small cache in tmp_path."""
+    """One `files` source over 60 documents in one .jsonl, with a small cache in tmp_path."""
     corpus = _write_jsonl(tmp_path / "corpus.jsonl", _make_docs(60))
+    return DataConfig(sources={"code": SourceConfig(kind="files", data_files=[str(corpus)])}, seq_len=32,
+                      batch_size=4, cache_dir=str(tmp_path / "cache"))
+
+
+@pytest.fixture
+def two_source_config(tmp_path: Path) -> DataConfig:
+    """Two `files` sources (web: 120 documents of words, code: 60 functions) weighted 3:1."""
+    code = _write_jsonl(tmp_path / "code.jsonl", _make_docs(60))
+    rng = random.Random(1)
+    web = _write_jsonl(tmp_path / "web.jsonl", [" ".join(rng.choices(WORDS, k=rng.randint(5, 60))) + "."
+                                                for _ in range(120)])
     return DataConfig(
-        source="files", data_files=[str(corpus)], seq_len=32, batch_size=4, cache_dir=str(tmp_path / "cache")
+        sources={"web": SourceConfig(kind="files", data_files=[str(web)], weight=3.0),
+                 "code": SourceConfig(kind="files", data_files=[str(code)], weight=1.0)},
+        seq_len=32, batch_size=4, cache_dir=str(tmp_path / "cache"),
     )
 
 

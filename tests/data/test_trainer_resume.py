@@ -6,6 +6,7 @@ import lightning as L
 import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from jetmoe.data.config import PhaseConfig
 from jetmoe.data.datamodule import JetMoeDataModule
 
 
@@ -50,3 +51,12 @@ def test_resume_from_step_3_replays_exactly_batches_4_to_6(jsonl_config, tmp_pat
     for got, expected in zip(resumed, full[3:]):
         assert torch.equal(got, expected)
     assert not torch.equal(full[0], full[batches_per_epoch])  # epoch 1 is reshuffled, not a replay
+
+
+def test_resume_across_a_phase_switch_replays_exactly(two_source_config, tmp_path):
+    cfg = dataclasses.replace(two_source_config, phases=[PhaseConfig(start=4, weights={"code": 1.0})])
+    full = fit(JetMoeDataModule(cfg, vocab_size=320), tmp_path)
+    step3 = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"
+    resumed = fit(JetMoeDataModule(cfg, vocab_size=320), tmp_path / "resumed", ckpt_path=step3)
+    assert len(resumed) == 3 and all(torch.equal(got, expected) for got, expected in zip(resumed, full[3:]))
+    assert not torch.equal(full[2], full[3])

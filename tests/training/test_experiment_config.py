@@ -37,7 +37,7 @@ def test_default_experiment_is_a_small_moa_moe_on_stdlib():
     cfg = load_config(REPO / "experiments/default.yaml")
     m = cfg.model
     assert (m.num_local_experts, m.num_experts_per_tok) == (8, 2)
-    assert cfg.data.source == "stdlib"
+    assert {name: src.kind for name, src in cfg.data.sources.items()} == {"stdlib": "stdlib"}
     assert cfg.optim.schedule == "wsd" and cfg.optim.min_lr_ratio == 0.1
     assert cfg.trainer.accelerator == "cpu" and cfg.trainer.precision == "32-true"
     from jetmoe.training.config import build_model_config
@@ -122,7 +122,11 @@ BASE = "defaults:\n  - model: tiny\n  - trainer: cpu\n"
         (BASE, ["trainer.log_every_n_steps=3", "run.expert_log_every_n_steps=10"],
          r"run.expert_log_every_n_steps \(10\) must be a positive multiple of trainer.log_every_n_steps \(3\)"),
         (BASE, ["model.kv_channels=15"], r"model.kv_channels must be even"),
-        (BASE, ["data.source=web"], r"data.source must be one of"),
+        (BASE, ["data.sources.stdlib.kind=web"], r"data.sources.stdlib.kind must be one of"),
+        (BASE, ["data.phases=[{start: decay, weights: {stdlib: 1}}]", "optim.schedule=cosine"],
+         r"data.phases\[0\].start 'decay' needs optim.schedule 'wsd'"),
+        (BASE, ["trainer.max_steps=100", "optim.warmup_steps=10", "data.phases=[{start: 90, weights: {stdlib: 1}}, {start: 0.5, weights: {stdlib: 2}}]"],
+         r"data.phases\[1\].start \(0.5 = step 50\) must come after data.phases\[0\] \(step 90\)"),
         (BASE, ["trainer.precision=16-mixed"], r"trainer.precision must be one of"),
         (BASE, ["model=huge"], r"command line: no config 'model: huge'"),
         (BASE, ["lr"], r"command line: override 'lr' is not key=value"),

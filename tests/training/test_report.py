@@ -13,7 +13,7 @@ from jetmoe.training.report import latest_lm_eval_results, model_card, write_fig
 @pytest.fixture
 def run_dir(tmp_path):
     (tmp_path / "config.yaml").write_text(
-        "data:\n  source: hub\n  hub_name: org/corpus\n  seq_len: 64\n  batch_size: 4\n"
+        "data:\n  sources:\n    web:\n      kind: hub\n      hub_name: org/corpus\n  seq_len: 64\n  batch_size: 4\n"
         "optim:\n  lr: 0.001\n  schedule: wsd\n  warmup_steps: 10\n  weight_decay: 0.1\n"
         "trainer:\n  precision: bf16-mixed\n  accumulate_grad_batches: 2\nrun:\n  name: demo\n"
     )
@@ -38,10 +38,20 @@ def test_latest_lm_eval_result_per_task(run_dir):
     assert latest["arc_easy"]["file"] == "lm_eval-20260102T000000Z.json"
 
 
+def model_card_of(run_dir, config_yaml):
+    (run_dir / "config.yaml").write_text(config_yaml)
+    return model_card(run_dir)
+
+
 def test_model_card_of_a_run(run_dir):
     card = model_card(run_dir)
     assert card.name == "demo" and card.datasets == ["org/corpus"]
     assert "`org/corpus` dataset" in card.training_data and "windows of 64 tokens" in card.training_data
+    two = model_card_of(run_dir, "data:\n  sources:\n    web: {kind: hub, hub_name: org/corpus, weight: 3}\n"
+                                 "    code: {kind: stdlib}\n  phases:\n    - {start: decay, weights: {code: 1}}\n")
+    assert two.datasets == ["org/corpus"] and "A mixture: `web` (weight 3)" in two.training_data
+    assert "From step decay" in two.training_data
+    assert {m.dataset for m in two.metrics if m.metric == "loss"} == {"training-mixture"}
     assert card.training["tokens per step (per device)"] == 64 * 4 * 2
     assert card.training["wall time"] == "1m15s" and card.training["tokens / s"] == 341
     rows = {(m.dataset, m.metric): (m.value, m.source) for m in card.metrics}

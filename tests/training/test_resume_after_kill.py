@@ -25,9 +25,21 @@ RUN = [
 ]
 
 
+PROSE = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs. "
+
+
 def _cmd(root: Path, name: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "jetmoe.cli", *RUN, f"run.output_dir={root}/runs", f"run.name={name}",
             f"data.cache_dir={root}/cache", *extra]
+
+
+def _two_sources(root: Path) -> list[str]:
+    """The stdlib (weight 3) and a JSON-lines source of prose (weight 1), prose 3:1 from step 25 on."""
+    rows = [json.dumps({"text": PROSE * (1 + i % 7) + f"Line {i}."}) for i in range(400)]
+    (root / "prose.jsonl").write_text("\n".join(rows) + "\n")
+    return ["data.sources.stdlib.weight=3", "data.sources.prose.kind=files",
+            f"data.sources.prose.data_files=[{root}/prose.jsonl]", "data.sources.prose.weight=1",
+            "data.phases=[{name: late, start: 25, weights: {stdlib: 1, prose: 3}}]"]
 
 
 def _step(ckpt: Path) -> int:
@@ -37,12 +49,14 @@ def _step(ckpt: Path) -> int:
         return -1
 
 
-def test_kill_then_resume_equals_uninterrupted(tmp_path):
-    done = subprocess.run(_cmd(tmp_path, "whole"), capture_output=True, text=True, timeout=600)
+@pytest.mark.parametrize("mixture", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["stdlib", "two_sources"])
+def test_kill_then_resume_equals_uninterrupted(tmp_path, mixture):
+    data = _two_sources(tmp_path) if mixture else []
+    done = subprocess.run(_cmd(tmp_path, "whole", *data), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
 
     run_dir = tmp_path / "runs/killed"
-    proc = subprocess.Popen(_cmd(tmp_path, "killed"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(_cmd(tmp_path, "killed", *data), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
     while _step(run_dir / "checkpoints/last.ckpt") < 10 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
@@ -51,7 +65,7 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path):
     assert not (run_dir / "metrics.json").exists()  # it really died mid-run
     assert 10 <= _step(run_dir / "checkpoints/last.ckpt") < 40
 
-    resumed = subprocess.run(_cmd(tmp_path, "killed", "--resume"), capture_output=True, text=True, timeout=600)
+    resumed = subprocess.run(_cmd(tmp_path, "killed", *data, "--resume"), capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     whole = load_file(tmp_path / "runs/whole/hf/model.safetensors")
     again = load_file(run_dir / "hf/model.safetensors")
@@ -60,6 +74,17 @@ def test_kill_then_resume_equals_uninterrupted(tmp_path):
         assert torch.equal(whole[key], again[key]), key  # bit-identical on CPU fp32
     a, b = (json.loads((tmp_path / f"runs/{n}/metrics.json").read_text()) for n in ("whole", "killed"))
     assert (a["step"], a["tokens_seen"], a["val_loss"]) == (b["step"], b["tokens_seen"], b["val_loss"])
+    assert a["data_mix"] == b["data_mix"]
+    if mixture:  # 25 steps x 4 windows at 3:1, then 15 x 4 at 1:3; logged to TensorBoard every 5 steps
+        phases = {p["name"]: p for p in b["data_mix"]["phases"]}
+        assert phases["base"]["shares"] == {"stdlib": 0.75, "prose": 0.25} and phases["base"]["windows"] == 100
+        assert phases["late"]["shares"] == {"stdlib": 0.25, "prose": 0.75} and phases["late"]["start_step"] == 25
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        events = EventAccumulator(str(run_dir / "tb"))
+        events.Reload()
+        prose = {e.step: e.value for e in events.Scalars("data/mix/prose")}
+        assert prose[19] == pytest.approx(0.25) and prose[39] == pytest.approx(0.75)
 
 
 def test_diverging_run_stops_with_the_step_and_term_named(tmp_path):

@@ -118,7 +118,7 @@ def test_shipped_ablations_match_active_parameters_at_equal_tokens(name):
     assert dense.params["total"] == dense.params["active"]
     tokens = {(p.config.trainer.max_steps, p.config.data.batch_size, p.config.data.seq_len) for p in points.values()}
     assert len(tokens) == 1
-    assert {p.config.data.source for p in points.values()} == {"stdlib"}
+    assert {tuple(p.config.data.sources) for p in points.values()} == {("stdlib",)}
 
 
 @pytest.mark.parametrize("experts,top_k", [(1, 1), (4, 1), (16, 2), (64, 4)])

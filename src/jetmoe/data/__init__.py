@@ -1,22 +1,32 @@
-"""Data: corpus sources, byte-level BPE tokenizer, packing, cache and the LightningDataModule (no model imports)."""
+"""Data: named sources, byte-level BPE tokenizer, the prepared token store, weighted mixtures with phases and the
+LightningDataModule (no model imports)."""
 
-from jetmoe.data.config import DataConfig, validate_data_config
-from jetmoe.data.datamodule import JetMoeDataModule, ResumableDataLoader, ShardedBatchSampler, WindowDataset
-from jetmoe.data.packing import PackedWindows, pack_documents
-from jetmoe.data.sources import load_documents
+from jetmoe.data.config import DataConfig, PhaseConfig, SourceConfig, validate_data_config
+from jetmoe.data.datamodule import (
+    JetMoeDataModule, ResumableDataLoader, ShardedBatchSampler, WindowDataset, evaluation_batches,
+)
+from jetmoe.data.mixture import Mixture, phase_start_steps
+from jetmoe.data.prepare import SourceSummary, open_store, prepare_store
+from jetmoe.data.sources import iter_documents
 from jetmoe.data.tokenizer import SpecialTokens, load_tokenizer, train_tokenizer
 
 __all__ = [
     "DataConfig",
     "JetMoeDataModule",
-    "PackedWindows",
+    "Mixture",
+    "PhaseConfig",
     "ResumableDataLoader",
     "ShardedBatchSampler",
+    "SourceConfig",
+    "SourceSummary",
     "SpecialTokens",
     "WindowDataset",
-    "load_documents",
+    "evaluation_batches",
+    "iter_documents",
     "load_tokenizer",
-    "pack_documents",
+    "open_store",
+    "phase_start_steps",
+    "prepare_store",
     "train_tokenizer",
     "validate_data_config",
 ]

@@ -7,11 +7,14 @@ special ids in packed data are the EOS tokens appended by packing.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from jetmoe.errors import ConfigError, InputFileError, MissingFileError
 
 PAD, BOS, EOS = "<pad>", "<s>", "</s>"
 NUM_BYTES = 256
@@ -37,10 +40,10 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, special: SpecialToken
     BPE training puts the special tokens first, so their ids must be 0, 1, 2 (in any order).
     """
     if vocab_size < NUM_BYTES + 3:
-        raise ValueError(f"model.vocab_size must be >= {NUM_BYTES + 3} for a byte-level BPE, got {vocab_size}")
+        raise ConfigError(f"model.vocab_size must be >= {NUM_BYTES + 3} for a byte-level BPE, got {vocab_size}")
     ids = special.by_id()
     if sorted(ids) != [0, 1, 2]:
-        raise ValueError(
+        raise ConfigError(
             "a trained tokenizer puts <pad>, <s>, </s> at ids 0, 1, 2: pad/bos/eos_token_id must be 0, 1, 2 in "
             f"some order, got {special.pad_token_id}/{special.bos_token_id}/{special.eos_token_id} "
             "(or set data.tokenizer_path)"
@@ -63,17 +66,17 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, special: SpecialToken
 
 
 def load_tokenizer(path: str | Path, vocab_size: int, special: SpecialTokens) -> Tokenizer:
-    """A user's tokenizer.json; ValueError naming the file if it does not fit the model's vocab or EOS id."""
+    """A user's tokenizer.json; a UserError naming the file if it does not fit the model's vocab or EOS id."""
     path = Path(path)
     if not path.is_file():
-        raise ValueError(f"data.tokenizer_path: file not found: {path}")
+        raise MissingFileError(f"data.tokenizer_path: file not found: {path}")
     tokenizer = read_tokenizer(path)
     size = tokenizer.get_vocab_size(with_added_tokens=True)
     if size > vocab_size:
-        raise ValueError(f"{path}: tokenizer vocab {size} > model.vocab_size {vocab_size}")
+        raise ConfigError(f"{path}: tokenizer vocab {size} > model.vocab_size {vocab_size}")
     specials = sorted(i for i, token in tokenizer.get_added_tokens_decoder().items() if token.special)
     if special.eos_token_id not in specials:
-        raise ValueError(
+        raise ConfigError(
             f"{path}: model eos_token_id {special.eos_token_id} is not a special token of this tokenizer "
             f"(its special token ids: {specials})"
         )
@@ -85,6 +88,11 @@ def read_tokenizer(path: str | Path) -> Tokenizer:
     try:
         tokenizer = Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception for unparsable files
-        raise ValueError(f"{path}: not a valid tokenizer.json ({err})") from None
+        raise InputFileError(f"{path}: not a valid tokenizer.json ({err})") from None
     tokenizer.encode_special_tokens = True
     return tokenizer
+
+
+def tokenizer_sha256(tokenizer: Tokenizer) -> str:
+    """The identity of a tokenizer: the SHA-256 of its canonical JSON (what a token store records)."""
+    return hashlib.sha256(tokenizer.to_str().encode()).hexdigest()

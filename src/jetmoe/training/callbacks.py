@@ -1,4 +1,4 @@
-"""Small training callbacks: a plain-text progress log and validation on the final step."""
+"""Small training callbacks: a plain-text progress log, validation on the final step, the data mixture's shares."""
 
 from __future__ import annotations
 
@@ -63,3 +63,20 @@ class ProgressLog(L.Callback):
 def _hms(seconds: float) -> str:
     minutes, secs = divmod(int(seconds), 60)
     return f"{minutes}m{secs:02d}s" if minutes < 60 else f"{minutes // 60}h{minutes % 60:02d}m"
+
+
+class MixtureLog(L.Callback):
+    """``data/mix/<source>``: each source's share of the windows of the last `window_batches` batches (all ranks).
+
+    The shares are computed from the data module's mixture (a function of the batch index), so logging them costs
+    no communication and is exact on every rank.
+    """
+
+    def __init__(self, window_batches: int) -> None:
+        self.window_batches = window_batches
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
+        data = trainer.datamodule
+        end = data.train_loader.batches
+        for name, share in data.mixture.shares(max(0, end - self.window_batches), end).items():
+            pl_module.log(f"data/mix/{name}", share)

@@ -39,6 +39,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from jetmoe.config import PRECISIONS, JetMoeConfig
 from jetmoe.data.config import DataConfig, validate_data_config
+from jetmoe.data.mixture import phase_start_steps
 from jetmoe.errors import ConfigError, MissingFileError, choice_problem
 from jetmoe.eval.config import DownstreamConfig, validate_downstream_config
 
@@ -435,6 +436,10 @@ def _problems(cfg: ExperimentConfig) -> Iterator[str]:
     if o.schedule == "wsd" and o.warmup_steps > stable_end:
         yield (f"optim.warmup_steps ({o.warmup_steps}) runs into the WSD decay: it must be <= "
                f"trainer.max_steps * (1 - optim.decay_fraction) ({stable_end})")
+    try:
+        data_phase_steps(cfg)
+    except ValueError as err:
+        yield str(err)
     if r.expert_log_every_n_steps <= 0 or r.expert_log_every_n_steps % t.log_every_n_steps:
         yield (f"run.expert_log_every_n_steps ({r.expert_log_every_n_steps}) must be a positive multiple of "
                f"trainer.log_every_n_steps ({t.log_every_n_steps})")
@@ -448,6 +453,18 @@ def _problems(cfg: ExperimentConfig) -> Iterator[str]:
         validate_downstream_config(cfg.downstream)
     except ValueError as err:
         yield str(err)
+
+
+def wsd_decay_start(max_steps: int, decay_fraction: float) -> int:
+    """The first optimizer step of the WSD decay (where JetMoE's phase-2 data mixture starts)."""
+    return max_steps - round(decay_fraction * max_steps)
+
+
+def data_phase_steps(cfg: ExperimentConfig) -> list[int]:
+    """The optimizer step at which each of ``data.phases`` starts ("decay": the WSD decay's first step)."""
+    o, t = cfg.optim, cfg.trainer
+    decay_start = wsd_decay_start(t.max_steps, o.decay_fraction) if o.schedule == "wsd" and o.decay_fraction else None
+    return phase_start_steps(cfg.data, max_steps=t.max_steps, decay_start=decay_start)
 
 
 def build_model_config(m: ModelConfig) -> JetMoeConfig:

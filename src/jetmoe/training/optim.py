@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from jetmoe.training.config import OptimConfig, TrainerConfig
+from jetmoe.training.config import OptimConfig, TrainerConfig, wsd_decay_start
 
 
 def param_groups(
@@ -69,7 +69,7 @@ def lr_lambda(
         if step < warmup_steps:
             return warmup(step)
         decay_steps = round(decay_fraction * max_steps)
-        into_decay = step - (max_steps - decay_steps) + 1
+        into_decay = step - wsd_decay_start(max_steps, decay_fraction) + 1
         if decay_steps == 0 or into_decay <= 0:
             return 1.0
         progress = min(1.0, into_decay / decay_steps)

@@ -21,12 +21,12 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from omegaconf import OmegaConf
 
 from jetmoe import figures
 from jetmoe.config import JetMoeConfig
 from jetmoe.eval.callback import DOWNSTREAM_JSON
 from jetmoe.hf_export import CardMetric, ModelCard, complete_hf_dir
+from jetmoe.training.config import RUN_CONFIG, read_yaml
 from jetmoe.training.expert_callback import REPORT_JSON
 from jetmoe.training.expert_metrics import loads_by_kind
 
@@ -136,11 +136,10 @@ def write_figures(run_dir: str | Path) -> dict[str, Path]:
 def model_card(run_dir: str | Path, figure_paths: dict[str, Path] | None = None) -> ModelCard:
     """The card of a run: its config, final metrics, downstream and lm-eval results, and figures."""
     run_dir = Path(run_dir)
-    config_file = run_dir / "config.yaml"
-    cfg = OmegaConf.to_container(OmegaConf.load(config_file)) if config_file.is_file() else {}
+    config_file = run_dir / RUN_CONFIG
+    cfg = read_yaml(config_file) if config_file.is_file() else {}
     metrics = read_json(run_dir / "metrics.json") or {}
     card_metrics = _loss_metrics(cfg, metrics) + _downstream_metrics(run_dir) + _lm_eval_metrics(run_dir)
-    data = cfg.get("data", {})
     return ModelCard(
         name=cfg.get("run", {}).get("name", run_dir.name),
         training_data=describe_data(cfg),
@@ -148,7 +147,7 @@ def model_card(run_dir: str | Path, figure_paths: dict[str, Path] | None = None)
         training_config=config_file.read_text() if config_file.is_file() else "",
         metrics=card_metrics,
         figures=figure_paths or {},
-        datasets=[data["hub_name"]] if data.get("source") == "hub" and data.get("hub_name") else [],
+        datasets=[src["hub_name"] for src in _sources(cfg).values() if src.get("kind") == "hub" and src.get("hub_name")],
     )
 
 
@@ -158,22 +157,45 @@ def complete_export(run_dir: str | Path, hf_dir: str | Path, config: JetMoeConfi
     complete_hf_dir(hf_dir, config, tokenizer, card=model_card(run_dir, write_figures(run_dir)))
 
 
+def _sources(cfg: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """The run's named data sources (the built-in corpus when none is named)."""
+    return cfg.get("data", {}).get("sources") or {"stdlib": {"kind": "stdlib"}}
+
+
+def _dataset_id(sources: dict[str, dict[str, Any]]) -> str:
+    """The card's dataset id for the validation loss: the source's, or `training-mixture` for several."""
+    if len(sources) != 1:
+        return "training-mixture"
+    (src,) = sources.values()
+    return {"stdlib": "python-stdlib", "hub": src.get("hub_name")}.get(src.get("kind")) or "training-corpus"
+
+
+def _describe_source(src: dict[str, Any]) -> str:
+    kind = src.get("kind", "stdlib")
+    if kind == "stdlib":
+        return ("the `.py` files of the Python standard library that ran the training, "
+                + ("test suites included" if src.get("stdlib_include_tests") else "test suites excluded"))
+    if kind == "files":
+        return "local files " + ", ".join(f"`{f}`" for f in src.get("data_files", []))
+    if kind == "hub":
+        return (f"the `{src.get('hub_name')}` dataset" + (f" (`{src['hub_config']}`)" if src.get("hub_config") else "")
+                + f", split `{src.get('hub_split', 'train')}`")
+    return f"a `datasets` directory `{src.get('disk_path')}`"
+
+
 def describe_data(cfg: dict[str, Any]) -> str:
     data = cfg.get("data", {})
-    source = data.get("source", "stdlib")
-    if source == "stdlib":
-        what = ("The `.py` files of the Python standard library that ran the training, "
-                + ("test suites included." if data.get("stdlib_include_tests") else "test suites excluded."))
-    elif source == "files":
-        what = "Local files: " + ", ".join(f"`{f}`" for f in data.get("data_files", [])) + "."
-    elif source == "hub":
-        what = f"The `{data.get('hub_name')}` dataset" + (f" (`{data['hub_config']}`)" if data.get("hub_config") else "") \
-               + f", split `{data.get('hub_split', 'train')}`."
+    sources = _sources(cfg)
+    if len(sources) == 1:
+        what = _describe_source(next(iter(sources.values()))).capitalize() + "."
     else:
-        what = f"A `datasets` directory: `{data.get('disk_path')}`."
+        what = "A mixture: " + "; ".join(f"`{name}` (weight {src.get('weight', 1)}), {_describe_source(src)}"
+                                         for name, src in sources.items()) + "."
+    for phase in data.get("phases", []):
+        what += f" From step {phase.get('start')}: weights {phase.get('weights')}."
     details = [f"{data.get('val_fraction', 0.05):.0%} of the documents held out for validation"]
     if data.get("max_chars"):
-        details.append(f"the first {data['max_chars']:,} characters")
+        details.append(f"the first {data['max_chars']:,} characters of each source")
     tokenizer = f"`{data['tokenizer_path']}`" if data.get("tokenizer_path") else "a byte-level BPE trained on the corpus"
     details.append(f"tokenizer: {tokenizer}")
     details.append(f"packed into windows of {data.get('seq_len', '?')} tokens, EOS between documents")
@@ -209,8 +231,7 @@ def _training_facts(cfg: dict[str, Any], metrics: dict[str, Any]) -> dict[str, A
 def _loss_metrics(cfg: dict[str, Any], metrics: dict[str, Any]) -> list[CardMetric]:
     if metrics.get("val_loss") is None:
         return []
-    data = cfg.get("data", {})
-    dataset = {"stdlib": "python-stdlib", "hub": data.get("hub_name")}.get(data.get("source"), "training-corpus")
+    dataset = _dataset_id(_sources(cfg))
     name = "held-out documents of the training corpus"
     return [CardMetric(dataset, "loss", metrics["val_loss"], name, "validation cross-entropy (nats/token)", "jetmoe"),
             CardMetric(dataset, "perplexity", metrics["val_ppl"], name, "validation perplexity", "jetmoe")]

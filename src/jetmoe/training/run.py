@@ -33,16 +33,16 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from tokenizers import Tokenizer
 
 from jetmoe import JetMoeConfig, JetMoeForCausalLM, hf_io, load_pretrained, save_pretrained
+from jetmoe.data.config import SourceConfig
 from jetmoe.errors import ConfigError, MissingFileError, UserError
 from jetmoe.files import atomic_write_text
-from jetmoe.data.config import DataConfig
-from jetmoe.data.datamodule import JetMoeDataModule
-from jetmoe.data.packing import document_position_ids, encode_documents
+from jetmoe.data.datamodule import JetMoeDataModule, evaluation_batches
+from jetmoe.data.prepare import SourceSummary, prepare_store
 from jetmoe.data.sources import read_files, resolve_files
-from jetmoe.data.tokenizer import read_tokenizer
-from jetmoe.training.callbacks import ProgressLog, ValidateOnLastStep
+from jetmoe.data.tokenizer import SpecialTokens, read_tokenizer
+from jetmoe.training.callbacks import MixtureLog, ProgressLog, ValidateOnLastStep
 from jetmoe.training.config import (
-    RUN_CONFIG, TRAINING_FIELDS, ExperimentConfig, build_model_config, load_run_config, to_yaml,
+    RUN_CONFIG, TRAINING_FIELDS, ExperimentConfig, build_model_config, data_phase_steps, load_run_config, to_yaml,
 )
 from jetmoe.training.expert_callback import ExpertUtilizationCallback
 from jetmoe.training.host_memory import retain_freed_memory
@@ -86,6 +86,7 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         eos_token_id=m.eos_token_id,
         pad_token_id=m.pad_token_id,
         seed=cfg.run.seed,
+        phase_steps=data_phase_steps(cfg),
     )
     module = JetMoeLitModule(cfg)
 
@@ -106,6 +107,7 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
     if not trainer.is_global_zero:
         return summary
     metrics = _final_metrics(trainer, module, wall_time)
+    metrics["data_mix"] = data.mixture.summary(data.train_loader.batches)  # realized shares, whole run and phases
     atomic_write_text(run_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     export(None if sharded else module.model, data.tokenizer_path, run_dir / HF_EXPORT, build_model_config(m), run_dir)
     summary["metrics"] = metrics
@@ -113,6 +115,14 @@ def train(cfg: ExperimentConfig, resume: bool = False) -> dict[str, Any]:
         model = load_run_model(run_dir)[0] if sharded else module.model  # sharded weights: use the export
         summary["sample"] = sample(model, data.tokenizer, cfg.run.sample_prompt, cfg.run.sample_tokens, seed=cfg.run.seed)
     return summary
+
+
+def prepare(cfg: ExperimentConfig, sources: Sequence[str] = ()) -> list[SourceSummary]:
+    """Tokenize every source of ``cfg`` (or only ``sources``) into its token store (``jetmoe prepare``); missing
+    or damaged shards are rebuilt, finished ones kept."""
+    m = cfg.model
+    special = SpecialTokens(pad_token_id=m.pad_token_id, bos_token_id=m.bos_token_id, eos_token_id=m.eos_token_id)
+    return prepare_store(cfg.data, vocab_size=m.vocab_size, special=special, only=sources or None)
 
 
 def _prepare_run_dir(run_dir: Path, last_ckpt: Path, resume: bool, cfg: ExperimentConfig) -> None:
@@ -158,6 +168,7 @@ def _build_trainer(cfg: ExperimentConfig, run_dir: Path) -> L.Trainer:
         ValidateOnLastStep(),
         NonFiniteGuard(cfg.optim.on_nonfinite),
         ProgressLog(t.log_every_n_steps),  # plain lines instead of a redrawn bar: same in a terminal and a log file
+        MixtureLog(t.log_every_n_steps * t.accumulate_grad_batches),  # data/mix/<source> in TensorBoard
     ]
     downstream = build_downstream_callback(cfg.downstream, run_dir)  # reads the task files: bad ones stop here
     if downstream is not None:
@@ -312,25 +323,17 @@ def evaluate(
     seq_len = seq_len or _training_seq_len(Path(path)) or model.config.max_position_embeddings
     if not 2 <= seq_len <= model.config.max_position_embeddings:
         raise UserError(f"--seq-len must be in [2, {model.config.max_position_embeddings}], got {seq_len}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     missing = [f for f in files if not glob.has_magic(f) and not Path(f).expanduser().exists()]
     if missing:
         raise MissingFileError(f"file not found: {missing[0]}")
-    data = DataConfig()
-    docs = read_files(resolve_files(files), data.text_field, data.text_split, data.cache_dir)
-    eos = model.config.eos_token_ids[0]
-    stream, _ = encode_documents(tokenizer, docs, eos, np.dtype(np.int64))
-    full = len(stream) // seq_len * seq_len
-    batches = list(torch.from_numpy(stream[:full]).view(-1, seq_len).split(batch_size))
-    if len(stream) - full >= 2:  # the tail window, if it has a token to score
-        batches.append(torch.from_numpy(stream[full:])[None])
-
+    src = SourceConfig()
+    docs = read_files(resolve_files(files), src.text_field, src.text_split)
+    batches = evaluation_batches(tokenizer, docs, seq_len=seq_len, batch_size=batch_size,
+                                 eos_token_id=model.config.eos_token_ids[0])
     total_ce, total_tokens = 0.0, 0
-    for input_ids in batches:
-        position_ids = torch.from_numpy(document_position_ids(input_ids.numpy(), eos).astype(np.int64))
-        out = model(input_ids, position_ids=position_ids, labels=input_ids, use_cache=False)
-        scored = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    for batch in batches:
+        out = model(batch["input_ids"], position_ids=batch["position_ids"], labels=batch["labels"], use_cache=False)
+        scored = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
         total_ce += out.ce_loss.item() * scored
         total_tokens += scored
     loss = total_ce / total_tokens
@@ -381,10 +384,6 @@ def evaluate_tasks(
     """
     if not tasks:
         raise UserError("--tasks: name at least one task")
-    if limit is not None and limit < 1:
-        raise UserError(f"--limit must be >= 1, got {limit}")
-    if batch_size < 1:
-        raise UserError(f"--batch-size must be >= 1, got {batch_size}")
     hf_dir = model_dir_of(path)
     with tempfile.TemporaryDirectory(prefix="jetmoe-tasks-") as work:  # JSON-lines copies of local tasks
         results = run_lm_eval(hf_dir, tasks, work_dir=work, num_fewshot=num_fewshot, limit=limit,
