@@ -1,0 +1,117 @@
+"""Worker phases of the expert-parallel tests (gloo on CPU, spawned by `fsdp_workers.spawn`) and their
+single-process reference.
+
+Each case builds the sharded model on an expert-parallel mesh, runs one step on this rank's rows of the global
+batch (the loss, its gradients, the clipped norm, one AdamW step) and returns what the tests compare with one
+process training the whole model on the same global batch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import fsdp_workers as w
+import torch
+from torch import nn
+
+from jetmoe import JetMoeConfig, JetMoeForCausalLM
+from jetmoe.distributed import build_sharded_causal_lm, clip_grad_norm_, full_state_dict
+from jetmoe.distributed import expert_parallel as ep
+from jetmoe.distributed.mesh import expert_parallel_mesh
+
+EP, MAX_NORM = 2, 0.05  # a max norm below the gradients' norm, so that clipping scales them
+CASES = {  # name: config changes, parallelize options, routers of block 0 zeroed
+    "4 experts": (dict(num_local_experts=4), dict(), False),
+    "8 experts, MoA sharded, selective checkpointing": (
+        dict(num_local_experts=8), dict(expert_parallel_attention=True, activation_checkpointing="selective"), False),
+    "uneven: block 0 routes every token to the same two experts": (
+        dict(num_local_experts=4), dict(expert_parallel_attention=True), True),
+}
+WRAPPERS = ("._checkpoint_wrapped_module", "._orig_mod")
+
+
+def case_config(name: str) -> JetMoeConfig:
+    return w.CONFIG.replace(**CASES[name][0])
+
+
+def zero_block0_routers(model: nn.Module) -> None:
+    """All router logits 0 in block 0: top-k of equal logits picks the same two experts for every token (torch's
+    tie-break: those of one EP rank), so the other rank sends all its rows away and its experts receive none."""
+    block = model.model.layers[0]
+    with torch.no_grad():
+        for router in (block.mlp.router, block.self_attention.experts.router):
+            weight = router.layer.weight
+            (weight.to_local() if isinstance(weight, torch.distributed.tensor.DTensor) else weight).zero_()
+
+
+def plain_name(name: str) -> str:
+    for wrapper in WRAPPERS:
+        name = name.replace(wrapper, "")
+    return name
+
+
+def step(model: nn.Module, rank: int | None) -> dict[str, Any]:
+    """One step on rank `rank`'s rows (None: one process, the mean of every rank's loss): loss terms, gradients,
+    clipped norm, weights after AdamW."""
+    batch = w.global_batches()[0]
+    ranks = range(w.WORLD) if rank is None else [rank]
+    outs = [model(ids, labels=ids) for ids in (w.local_rows(batch, r) for r in ranks)]
+    (sum(out.loss for out in outs) / len(outs)).backward()
+    terms = torch.stack([torch.stack([getattr(o, name).detach() for name in w.METRICS]) for o in outs]).mean(0)
+    if rank is not None:
+        torch.distributed.all_reduce(terms, op=torch.distributed.ReduceOp.AVG)
+    grads = {plain_name(n): _full(p.grad) for n, p in model.named_parameters()}
+    norm = clip_grad_norm_(model.parameters(), MAX_NORM)
+    opt = w.optimizer(model)
+    opt.step()
+    weights = full_state_dict(model) if rank is not None else model.state_dict()
+    return {"terms": dict(zip(w.METRICS, terms.tolist(), strict=True)), "grads": grads, "norm": float(norm),
+            "weights": weights}
+
+
+def _full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, torch.distributed.tensor.DTensor) else t.clone()
+
+
+def reference(name: str) -> dict[str, Any]:
+    torch.manual_seed(w.SEED)
+    model = JetMoeForCausalLM(case_config(name))
+    if CASES[name][2]:
+        zero_block0_routers(model)
+    return step(model, None)
+
+
+def first_run(rank: int, out: Path) -> dict[str, Any]:
+    """Every case on an EP = 2 mesh of the 2 ranks (the exchanges' split sizes recorded), then Lightning's
+    FSDP2Strategy with expert_parallel=2 for 2 steps, saved."""
+    return {"cases": _cases(rank), "lightning": w.lightning_fit(rank, out, max_steps=2, resume=False, expert_parallel=EP)}
+
+
+def resumed_without_ep(rank: int, out: Path) -> dict[str, Any]:
+    """Fresh processes: the Lightning run resumed to step 4 with expert_parallel=1 (DCP reshards the experts)."""
+    return w.lightning_fit(rank, out, max_steps=w.STEPS, resume=True, expert_parallel=1)
+
+
+def _cases(rank: int) -> dict[str, Any]:
+    exchanges: list[tuple[list[int], list[int], list[int]]] = []
+    make = ep.TokenExchange.__init__
+
+    def recorded(self, counts_E, group):
+        make(self, counts_E, group)
+        exchanges.append((self.send_splits, self.receive_splits, self.groups.counts_E.tolist()))
+
+    ep.TokenExchange.__init__ = recorded
+    results = {}
+    for name, (_, options, zero_routers) in CASES.items():
+        torch.manual_seed(w.SEED)
+        mesh = expert_parallel_mesh("cpu", EP)
+        model = build_sharded_causal_lm(case_config(name), mesh, "cpu", **options)
+        if zero_routers:
+            zero_block0_routers(model)
+        placements = {plain_name(n): (str(p.placements), tuple(p.device_mesh.mesh_dim_names), tuple(p.to_local().shape))
+                      for n, p in model.named_parameters()}
+        exchanges.clear()
+        results[name] = {**step(model, rank), "placements": placements, "exchanges": list(exchanges)}
+    ep.TokenExchange.__init__ = make
+    return results

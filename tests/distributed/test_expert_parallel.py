@@ -1,0 +1,99 @@
+"""Expert parallelism on 2 CPU processes (gloo), EP = 2: the loss, every gradient, the clipped norm and one AdamW
+step equal one process training the whole model on the same global batch (4 and 8 experts, MoA sharded or not,
+checkpointed blocks, an uneven routing); Lightning's FSDP2Strategy trains with it, saves, and resumes with EP = 1
+in fresh processes; the checkpoint consolidates into the HF layout, and is refused for another expert count.
+
+Two spawns serve every test (see ep_workers.py)."""
+
+from __future__ import annotations
+
+import ep_workers as e
+import fsdp_workers as w
+import pytest
+import torch
+
+from jetmoe import load_pretrained
+from jetmoe.distributed import consolidate
+from jetmoe.distributed.checkpoint import check_tensor_shapes
+from jetmoe.errors import InputFileError
+
+pytestmark = pytest.mark.distributed
+TOL = 1e-5  # fp32: EP changes only the order of reductions
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ep")
+    first = w.spawn(e.first_run, out)
+    resumed = w.spawn(e.resumed_without_ep, out)
+    return {"out": out, "first": first, "resumed": resumed}
+
+
+@pytest.fixture(scope="module")
+def references():
+    return {name: e.reference(name) for name in e.CASES}
+
+
+@pytest.mark.parametrize("case", list(e.CASES))
+def test_loss_gradients_and_one_step_equal_one_process(runs, references, case):
+    got, expected = runs["first"][0]["cases"][case], references[case]
+    assert runs["first"][1]["cases"][case]["terms"] == got["terms"]  # all-reduced: the same on both ranks
+    for name, value in expected["terms"].items():
+        assert got["terms"][name] == pytest.approx(value, abs=TOL), name
+    assert got["grads"].keys() == expected["grads"].keys()
+    for name, grad in expected["grads"].items():
+        torch.testing.assert_close(got["grads"][name], grad, atol=TOL, rtol=0, msg=name)
+    assert got["norm"] == pytest.approx(expected["norm"], rel=1e-6) and got["norm"] > 10 * e.MAX_NORM  # clipped
+    for name, weight in expected["weights"].items():
+        torch.testing.assert_close(got["weights"][name], weight, atol=TOL, rtol=0, msg=name)
+
+
+def test_experts_are_split_by_expert_over_the_ep_group(runs):
+    placements = runs["first"][0]["cases"]["8 experts, MoA sharded, selective checkpointing"]["placements"]
+    for name, (placement, dims, local_shape) in placements.items():
+        if "input_linear" in name or "output_linear" in name:  # MoE and (sharded) MoA experts: 4 of 8 per rank
+            assert dims == ("expert_data_parallel", "expert_parallel") and local_shape[0] == 4, name
+            assert placement.endswith("Shard(dim=0))"), name
+        else:  # everything else: FSDP over both ranks
+            assert (placement, dims) == ("(Shard(dim=0),)", ("data_parallel",)), name
+    unsharded_moa = runs["first"][0]["cases"]["4 experts"]["placements"]["model.layers.0.self_attention.experts.input_linear.weight"]
+    assert unsharded_moa[1] == ("data_parallel",)
+
+
+def test_uneven_routing_a_rank_sends_everything_away_and_experts_receive_nothing(runs):
+    """Block 0's MoA and MoE exchanges (the first two) of the uneven case: every row of both ranks goes to the two
+    experts of one EP rank; the other rank's experts get no row, and its own rows all travel and come back."""
+    name = "uneven: block 0 routes every token to the same two experts"
+    rank0, rank1 = (runs["first"][r]["cases"][name]["exchanges"][:2] for r in (0, 1))
+    rows = 2 * w.LOCAL_BATCH * w.SEQ  # top-2: two routed rows per token and rank
+    for exchange in zip(rank0, rank1, strict=True):
+        busy = 0 if sum(exchange[0][1]) else 1
+        idle = 1 - busy
+        for send_splits, _, _ in exchange:
+            assert send_splits[busy] == rows and send_splits[idle] == 0
+        assert exchange[idle][1:] == ([0, 0], [0, 0])  # nothing received, both local experts empty
+        assert exchange[busy][1:] == ([rows, rows], [rows, rows])  # each expert: one row of every token
+
+
+def test_lightning_trains_with_ep_and_resumes_without_it(runs):
+    first, resumed = runs["first"][0]["lightning"], runs["resumed"][0]
+    assert first["mesh_shape"] == (1, 2) and resumed["mesh_shape"] == (2, 1)
+    history = first["history"] + resumed["history"]
+    expected = w.reference()[0]
+    assert len(history) == len(expected)
+    for step, (a, b) in enumerate(zip(history, expected, strict=True)):
+        for name in w.METRICS:
+            assert a[name] == pytest.approx(b[name], abs=TOL), f"step {step + 1} {name}"
+
+
+def test_an_ep_checkpoint_consolidates_and_refuses_another_expert_count(runs, tmp_path):
+    ckpt = runs["out"] / "lightning" / "last.ckpt"
+    consolidate(ckpt, tmp_path, w.CONFIG)
+    exported = load_pretrained(tmp_path).state_dict()
+    for name, tensor in exported.items():
+        assert torch.equal(runs["resumed"][0]["full"][name], tensor), name
+    key = "model.model.layers.0.mlp.input_linear.weight"
+    with pytest.raises(InputFileError, match=rf"{key} is \[4, 128, 64\] in the checkpoint but \[8, 128, 64\]"):
+        check_tensor_shapes(ckpt, {key: torch.Size([8, 128, 64])}, prefix="state_dict.")
+    with pytest.raises(InputFileError, match=r"router.layer.weight is \[4, 64\] in the checkpoint but \[8, 64\]"):
+        consolidate(ckpt, tmp_path / "other", w.CONFIG.replace(num_local_experts=8))
