@@ -189,6 +189,10 @@ ERRORS = [
     (None, [*FILE_DATA, "data.data_files=[{tmp}/latin1.txt]"], "latin1.txt: not UTF-8"),
     (None, ["model.vocab_size=300", "data.tokenizer_path={tmp}/tok400.json"], "> model.vocab_size 300"),
     (None, ["run.output_dir={tmp}/a_file/runs"], "cannot write the run directory"),
+    (None, ["trainer.strategy=fsdp", "trainer.expert_parallel=2", "trainer.devices=3"],
+     "trainer.expert_parallel (2) must divide the number of ranks, trainer.devices × trainer.num_nodes (3)"),
+    (None, ["trainer.strategy=fsdp", "trainer.expert_parallel=2", "trainer.devices=1"],  # no distributed launch
+     "trainer.expert_parallel (2) must divide the number of ranks, trainer.devices × trainer.num_nodes (1)"),
 ]
 
 

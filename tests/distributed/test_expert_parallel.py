@@ -7,17 +7,23 @@ Two spawns serve every test (see ep_workers.py)."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import ep_workers as e
 import fsdp_workers as w
 import pytest
 import torch
 
 from jetmoe import load_pretrained
+from jetmoe.cli import main
 from jetmoe.distributed import consolidate
 from jetmoe.distributed.checkpoint import check_tensor_shapes
 from jetmoe.errors import InputFileError
+from jetmoe.training.config import load_config, to_yaml
 
 pytestmark = pytest.mark.distributed
+REPO = Path(__file__).resolve().parents[2]
 TOL = 1e-5  # fp32: EP changes only the order of reductions
 
 
@@ -97,3 +103,16 @@ def test_an_ep_checkpoint_consolidates_and_refuses_another_expert_count(runs, tm
         check_tensor_shapes(ckpt, {key: torch.Size([8, 128, 64])}, prefix="state_dict.")
     with pytest.raises(InputFileError, match=r"router.layer.weight is \[4, 64\] in the checkpoint but \[8, 64\]"):
         consolidate(ckpt, tmp_path / "other", w.CONFIG.replace(num_local_experts=8))
+
+
+def test_consolidating_into_another_expert_count_is_one_line_exit_2(runs, tmp_path, capsys):
+    """`jetmoe consolidate` of the EP checkpoint for a run whose config says 8 experts (the checkpoint has 4)."""
+    run_dir = tmp_path / "run"
+    shutil.copytree(runs["out"] / "lightning" / "last.ckpt", run_dir / "checkpoints" / "last.ckpt")
+    cfg = load_config(REPO / "experiments/default.yaml", ["model=tiny", "model.vocab_size=128", "model.num_local_experts=8"])
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    assert main(["consolidate", str(run_dir)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jetmoe: error: ") and "\n" not in err and "Traceback" not in err
+    assert "model.layers.0.self_attention.experts.router.layer.weight is [4, 64] in the checkpoint but [8, 64]" in err
+    assert not (run_dir / "hf").exists()
