@@ -39,11 +39,11 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
 from torch import nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, ShardPlacementResult
-from torch.distributed.nn.functional import all_to_all_single
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
 from jetmoe.errors import ConfigError, divisor_problem
@@ -171,8 +171,7 @@ _REFERENCE = ReferenceOps()
 
 def _all_to_all(x: torch.Tensor, output_splits: list[int], input_splits: list[int], group) -> torch.Tensor:
     """`all_to_all_single` with autograd (its backward is the reverse exchange)."""
-    out = x.new_empty((sum(output_splits), *x.shape[1:]))
-    return all_to_all_single(out, x.contiguous(), output_splits, input_splits, group=group)
+    return funcol.wait_tensor(funcol.all_to_all_single(x.contiguous(), output_splits, input_splits, group))
 
 
 class ExpertParallelOps:
