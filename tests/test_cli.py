@@ -227,3 +227,16 @@ def test_other_commands_fail_cleanly(tiny_run, tmp_path, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("jetmoe: error: ") == 1 and message in err and "Traceback" not in err
+
+
+def test_plan_compares_fsdp_alone_with_each_expert_parallel_degree(capsys):
+    plan = ["plan", str(REPO / "experiments/jetmoe_8b.yaml"), "model.num_local_experts=64", "trainer.expert_parallel=8"]
+    assert main([*plan, "--gpus", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "MoE experts split over 8 devices (inside a node), FSDP over 16" in out
+    table = out[out.index("expert_parallel  all-gather GB"):].splitlines()
+    assert [row.split()[0] for row in table[1:-1]] == ["1", "2", "4", "8", "16", "32", "64"]
+    assert table[4].startswith("8 (configured)")
+    assert table[-1].endswith("moves the fewest bytes; inside a node, expert_parallel=8")
+    assert main([*plan, "--gpus", "12"]) == 2
+    assert capsys.readouterr().err.strip() == "jetmoe: error: expert_parallel (8) must divide gpus (12)"

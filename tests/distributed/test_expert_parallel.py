@@ -19,6 +19,7 @@ from jetmoe import load_pretrained
 from jetmoe.cli import main
 from jetmoe.distributed import consolidate
 from jetmoe.distributed.checkpoint import check_tensor_shapes
+from jetmoe.distributed.plan import communication_bytes
 from jetmoe.errors import InputFileError
 from jetmoe.training.config import load_config, to_yaml
 
@@ -116,3 +117,15 @@ def test_consolidating_into_another_expert_count_is_one_line_exit_2(runs, tmp_pa
     assert err.startswith("jetmoe: error: ") and "\n" not in err and "Traceback" not in err
     assert "model.layers.0.self_attention.experts.router.layer.weight is [4, 64] in the checkpoint but [8, 64]" in err
     assert not (run_dir / "hf").exists()
+
+
+def test_the_plans_all_to_all_bytes_match_the_exchanges(runs):
+    """`jetmoe plan`'s all-to-all bytes of the 4-expert case against its recorded exchanges: each sends a rank's
+    rows to the other rank and their outputs back, and the backward reverses both (the plan assumes balanced
+    routing, these are random routers)."""
+    name, D = "4 experts", e.case_config("4 experts").hidden_size
+    sent = [sum(2 * (send[1 - rank] + receive[1 - rank]) * D * 4
+                for send, receive, _ in runs["first"][rank]["cases"][name]["exchanges"]) for rank in (0, 1)]
+    planned = communication_bytes(e.case_config(name), tokens=w.LOCAL_BATCH * w.SEQ, gpus=2, precision="32-true",
+                                  activation_checkpointing="none", expert_parallel=e.EP)["all_to_all"]
+    assert sum(sent) / 2 == pytest.approx(planned, rel=0.2)
