@@ -63,8 +63,7 @@ def step(model: nn.Module, rank: int | None) -> dict[str, Any]:
         torch.distributed.all_reduce(terms, op=torch.distributed.ReduceOp.AVG)
     grads = {plain_name(n): _full(p.grad) for n, p in model.named_parameters()}
     norm = clip_grad_norm_(model.parameters(), MAX_NORM)
-    opt = w.optimizer(model)
-    opt.step()
+    torch.optim.AdamW(model.parameters(), lr=w.LR, foreach=True).step()  # GPUs' default: for-each over two meshes
     weights = full_state_dict(model) if rank is not None else model.state_dict()
     return {"terms": dict(zip(w.METRICS, terms.tolist(), strict=True)), "grads": grads, "norm": float(norm),
             "weights": weights}
@@ -114,4 +113,23 @@ def _cases(rank: int) -> dict[str, Any]:
         exchanges.clear()
         results[name] = {**step(model, rank), "placements": placements, "exchanges": list(exchanges)}
     ep.TokenExchange.__init__ = make
+    return results
+
+
+def compiled(rank: int, out: Path) -> dict[str, Any]:
+    """The 8-expert model with sharded MoA and full checkpointing, eager and with compiled blocks (aot_eager: no
+    C++ build): loss and an expert gradient."""
+    compile_ = torch.compile
+    results = {}
+    for name, backend in (("eager", None), ("compiled", "aot_eager")):
+        torch.compile = compile_ if backend is None else (lambda module, **kw: compile_(module, backend=backend, **kw))
+        torch.manual_seed(w.SEED)
+        model = build_sharded_causal_lm(case_config(list(CASES)[1]), expert_parallel_mesh("cpu", EP), "cpu",
+                                        compile=backend is not None, activation_checkpointing="full",
+                                        expert_parallel_attention=True)
+        ids = w.local_rows(w.global_batches()[0], rank)
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        results[name] = (loss.detach(), _full(model.model.layers[0].mlp.input_linear.weight.grad))
+    torch.compile = compile_
     return results

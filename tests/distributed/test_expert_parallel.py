@@ -129,3 +129,13 @@ def test_the_plans_all_to_all_bytes_match_the_exchanges(runs):
     planned = communication_bytes(e.case_config(name), tokens=w.LOCAL_BATCH * w.SEQ, gpus=2, precision="32-true",
                                   activation_checkpointing="none", expert_parallel=e.EP)["all_to_all"]
     assert sum(sent) / 2 == pytest.approx(planned, rel=0.2)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_exchange_like_eager_ones(tmp_path):
+    """torch.compile of the checkpointed blocks (graph breaks at each exchange, whose split sizes are read on the
+    host): the eager loss and gradients."""
+    result = w.spawn(e.compiled, tmp_path)[0]
+    (eager_loss, eager_grad), (loss, grad) = result["eager"], result["compiled"]
+    torch.testing.assert_close(loss, eager_loss, atol=1e-6, rtol=0)
+    torch.testing.assert_close(grad, eager_grad, atol=1e-7, rtol=0)
