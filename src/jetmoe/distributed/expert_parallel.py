@@ -46,7 +46,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.fsdp._fully_shard._fsdp_common import FSDPMeshInfo, ShardPlacementResult
 from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 
-from jetmoe.errors import ConfigError, divisor_problem
+from jetmoe.distributed.mesh import check_expert_parallel
 from jetmoe.model import JetMoePreTrainedModel
 from jetmoe.model.ops import ReferenceOps
 from jetmoe.model.routing import Routing
@@ -69,9 +69,7 @@ def shard_experts(model: JetMoePreTrainedModel, ep_mesh: DeviceMesh, attention: 
     """Split the expert weights (see `expert_modules`) by expert index over `ep_mesh`, as DTensors with Shard(0),
     and route the model's expert products through `ExpertParallelOps`. Call it before `fully_shard`, ideally on
     the meta device (nothing is moved then). Returns the sharded parameters."""
-    problem = divisor_problem("expert_parallel", ep_mesh.size(), "num_local_experts", model.config.num_local_experts)
-    if problem:
-        raise ConfigError(problem)
+    check_expert_parallel(ep_mesh.size(), experts=model.config.num_local_experts)
     params = set()
     for module in expert_modules(model, attention):
         module.weight = nn.Parameter(distribute_tensor(module.weight, ep_mesh, [Shard(0)]))

@@ -24,20 +24,31 @@ DATA, EXPERT_DATA, EXPERT = "data_parallel", "expert_data_parallel", "expert_par
 TENSOR = "tensor_parallel"  # Lightning's ModelParallelStrategy mesh: (data_parallel, tensor_parallel)
 
 
+def check_expert_parallel(
+    degree: int, *, ranks: int | None = None, ranks_name: str = "the number of ranks", experts: int | None = None,
+    name: str = "expert_parallel",
+) -> None:
+    """ConfigError unless the expert-parallel `degree` is >= 1 and divides `ranks` and `experts` (those given);
+    `name` and `ranks_name` are how the caller's user spells them."""
+    if degree < 1:
+        raise ConfigError(f"{name} must be >= 1, got {degree}")
+    for total_name, total in ((ranks_name, ranks), ("num_local_experts", experts)):
+        problem = None if total is None else divisor_problem(name, degree, total_name, total)
+        if problem:
+            raise ConfigError(problem)
+
+
 def expert_parallel_mesh(device_type: str, expert_parallel: int, name: str = "expert_parallel") -> DeviceMesh:
     """The 2-D (expert_data_parallel, expert_parallel) mesh of every rank of the initialised process group;
     `name` is how the caller's user spells the degree (in errors)."""
-    if expert_parallel < 1:
-        raise ConfigError(f"{name} must be >= 1, got {expert_parallel}")
+    check_expert_parallel(expert_parallel, name=name)
     if not dist.is_initialized():
         raise UserError(
             f"{name}={expert_parallel} needs a distributed launch (`jetmoe train trainer.strategy=fsdp "
             "trainer.devices=N`, torchrun or SLURM): torch.distributed is not initialised"
         )
     world = dist.get_world_size()
-    problem = divisor_problem(name, expert_parallel, "the number of ranks", world)
-    if problem:
-        raise ConfigError(problem)
+    check_expert_parallel(expert_parallel, ranks=world, name=name)
     return init_device_mesh(device_type, (world // expert_parallel, expert_parallel),
                             mesh_dim_names=(EXPERT_DATA, EXPERT))
 

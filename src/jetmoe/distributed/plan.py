@@ -73,8 +73,9 @@ from torch.distributed.tensor import DTensor
 
 from jetmoe.config import JetMoeConfig
 from jetmoe.config import PRECISIONS
+from jetmoe.distributed.mesh import check_expert_parallel
 from jetmoe.distributed.parallelize import ACTIVATION_CHECKPOINTING
-from jetmoe.errors import ConfigError, check_choice, divisor_problem
+from jetmoe.errors import ConfigError, check_choice
 
 GB = 1e9
 USABLE_FRACTION = 0.9  # of gpu_memory_gb: CUDA context, NCCL buffers, allocator fragmentation
@@ -193,16 +194,6 @@ def communication_bytes(
     }
 
 
-def check_expert_parallel(config: JetMoeConfig, expert_parallel: int, gpus: int) -> None:
-    """ConfigError unless `expert_parallel` divides the expert count and the number of devices."""
-    if expert_parallel < 1:
-        raise ConfigError(f"expert_parallel must be >= 1, got {expert_parallel}")
-    for problem in (divisor_problem("expert_parallel", expert_parallel, "num_local_experts", config.num_local_experts),
-                    divisor_problem("expert_parallel", expert_parallel, "gpus", gpus)):
-        if problem:
-            raise ConfigError(problem)
-
-
 def estimate(
     config: JetMoeConfig,
     *,
@@ -229,7 +220,7 @@ def estimate(
                         ("micro_batch_size", micro_batch_size), ("gpus", gpus), ("gpus_per_node", gpus_per_node)):
         if value < 1:
             raise ConfigError(f"{name} must be >= 1, got {value}")
-    check_expert_parallel(config, expert_parallel, gpus)
+    check_expert_parallel(expert_parallel, ranks=gpus, ranks_name="gpus", experts=config.num_local_experts)
     counts = config.num_parameters()
     p_bytes, g_bytes, o_bytes = STATE_BYTES[precision]
     s = ACTIVATION_DTYPE_BYTES[precision]
