@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from jetmoe import JetMoeConfig, JetMoeForCausalLM
-from jetmoe.distributed import build_sharded_causal_lm, clip_grad_norm_, full_state_dict
+from jetmoe.distributed import build_sharded_causal_lm, clip_grad_norm_, full_state_dict, load_hf_weights, save_hf
 from jetmoe.distributed import expert_parallel as ep
 from jetmoe.distributed.mesh import expert_parallel_mesh
 
@@ -82,14 +82,25 @@ def reference(name: str) -> dict[str, Any]:
 
 
 def first_run(rank: int, out: Path) -> dict[str, Any]:
-    """Every case on an EP = 2 mesh of the 2 ranks (the exchanges' split sizes recorded), then Lightning's
-    FSDP2Strategy with expert_parallel=2 for 2 steps, saved."""
-    return {"cases": _cases(rank), "lightning": w.lightning_fit(rank, out, max_steps=2, resume=False, expert_parallel=EP)}
+    """Every case on an EP = 2 mesh of the 2 ranks (the exchanges' split sizes recorded); an EP model exported as
+    HF; Lightning's FSDP2Strategy with expert_parallel=2 for 2 steps, saved."""
+    cases = _cases(rank)
+    save_hf(_ep_model(w.SEED), out / "hf_ep")
+    return {"cases": cases, "lightning": w.lightning_fit(rank, out, max_steps=2, resume=False, expert_parallel=EP)}
 
 
 def resumed_without_ep(rank: int, out: Path) -> dict[str, Any]:
-    """Fresh processes: the Lightning run resumed to step 4 with expert_parallel=1 (DCP reshards the experts)."""
-    return w.lightning_fit(rank, out, max_steps=w.STEPS, resume=True, expert_parallel=1)
+    """Fresh processes: the HF export loaded into an EP model (initialised differently); the Lightning run
+    resumed to step 4 with expert_parallel=1 (DCP reshards the experts)."""
+    model = _ep_model(w.SEED + 1)
+    load_hf_weights(model, out / "hf_ep")
+    return {"from_hf": full_state_dict(model),
+            "lightning": w.lightning_fit(rank, out, max_steps=w.STEPS, resume=True, expert_parallel=1)}
+
+
+def _ep_model(seed: int) -> JetMoeForCausalLM:
+    torch.manual_seed(seed)
+    return build_sharded_causal_lm(w.CONFIG, expert_parallel_mesh("cpu", EP), "cpu", expert_parallel_attention=True)
 
 
 def _cases(rank: int) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import fsdp_workers as w
 import pytest
 import torch
 
-from jetmoe import load_pretrained
+from jetmoe import JetMoeForCausalLM, load_pretrained
 from jetmoe.cli import main
 from jetmoe.distributed import consolidate
 from jetmoe.distributed.checkpoint import check_tensor_shapes
@@ -83,7 +83,7 @@ def test_uneven_routing_a_rank_sends_everything_away_and_experts_receive_nothing
 
 
 def test_lightning_trains_with_ep_and_resumes_without_it(runs):
-    first, resumed = runs["first"][0]["lightning"], runs["resumed"][0]
+    first, resumed = runs["first"][0]["lightning"], runs["resumed"][0]["lightning"]
     assert first["mesh_shape"] == (1, 2) and resumed["mesh_shape"] == (2, 1)
     history = first["history"] + resumed["history"]
     expected = w.reference()[0]
@@ -93,12 +93,31 @@ def test_lightning_trains_with_ep_and_resumes_without_it(runs):
             assert a[name] == pytest.approx(b[name], abs=TOL), f"step {step + 1} {name}"
 
 
+def test_hf_export_of_an_ep_model_loads_in_transformers_and_back(runs):
+    """`save_hf` of a model whose MoE and MoA experts are split over both ranks: transformers loads it and computes
+    our logits; `load_hf_weights` puts it back into an EP model, bit for bit."""
+    transformers = pytest.importorskip("transformers")
+    hf_dir = runs["out"] / "hf_ep"
+    hf, info = transformers.JetMoeForCausalLM.from_pretrained(hf_dir, output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    ours = load_pretrained(hf_dir)
+    torch.manual_seed(w.SEED)
+    torch.testing.assert_close(ours.state_dict(), JetMoeForCausalLM(w.CONFIG).state_dict(), rtol=0, atol=0)  # meta init
+    ids = w.global_batches()[0]
+    with torch.no_grad():
+        torch.testing.assert_close(hf.eval()(ids).logits, ours.eval()(ids).logits, atol=1e-4, rtol=0)
+    loaded = runs["resumed"][0]["from_hf"]
+    assert loaded.keys() == ours.state_dict().keys()
+    for name, tensor in ours.state_dict().items():
+        assert torch.equal(loaded[name], tensor), name
+
+
 def test_an_ep_checkpoint_consolidates_and_refuses_another_expert_count(runs, tmp_path):
     ckpt = runs["out"] / "lightning" / "last.ckpt"
     consolidate(ckpt, tmp_path, w.CONFIG)
     exported = load_pretrained(tmp_path).state_dict()
     for name, tensor in exported.items():
-        assert torch.equal(runs["resumed"][0]["full"][name], tensor), name
+        assert torch.equal(runs["resumed"][0]["lightning"]["full"][name], tensor), name
     key = "model.model.layers.0.mlp.input_linear.weight"
     with pytest.raises(InputFileError, match=rf"{key} is \[4, 128, 64\] in the checkpoint but \[8, 128, 64\]"):
         check_tensor_shapes(ckpt, {key: torch.Size([8, 128, 64])}, prefix="state_dict.")
