@@ -13,7 +13,9 @@ from typing import Any
 
 import fsdp_workers as w
 import torch
+import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.state_dict import get_model_state_dict
 
 from jetmoe import JetMoeConfig, JetMoeForCausalLM
 from jetmoe.distributed import build_sharded_causal_lm, clip_grad_norm_, full_state_dict, load_hf_weights, save_hf
@@ -28,11 +30,20 @@ CASES = {  # name: config changes, parallelize options, routers of block 0 zeroe
     "uneven: block 0 routes every token to the same two experts": (
         dict(num_local_experts=4), dict(expert_parallel_attention=True), True),
 }
+FOUR_RANKS = {  # one expert per EP rank, two expert-data-parallel ranks: FSDP shards the experts on dim 1
+    "2 experts top-1 on 4 ranks, EP 2 x 2": (dict(num_local_experts=2, num_experts_per_tok=1),
+                                             dict(expert_parallel_attention=True), False),
+}
 WRAPPERS = ("._checkpoint_wrapped_module", "._orig_mod")
 
 
 def case_config(name: str) -> JetMoeConfig:
-    return w.CONFIG.replace(**CASES[name][0])
+    return w.CONFIG.replace(**{**CASES, **FOUR_RANKS}[name][0])
+
+
+def rank_rows(batch: torch.Tensor, rank: int, world: int) -> torch.Tensor:
+    rows = batch.shape[0] // world
+    return batch[rank * rows:(rank + 1) * rows]
 
 
 def zero_block0_routers(model: nn.Module) -> None:
@@ -51,12 +62,12 @@ def plain_name(name: str) -> str:
     return name
 
 
-def step(model: nn.Module, rank: int | None) -> dict[str, Any]:
-    """One step on rank `rank`'s rows (None: one process, the mean of every rank's loss): loss terms, gradients,
-    clipped norm, weights after AdamW."""
+def step(model: nn.Module, rank: int | None, world: int = w.WORLD) -> dict[str, Any]:
+    """One step on rank `rank`'s rows of `world` ranks (None: one process, the mean of every rank's loss): loss
+    terms, gradients, clipped norm, weights after AdamW."""
     batch = w.global_batches()[0]
-    ranks = range(w.WORLD) if rank is None else [rank]
-    outs = [model(ids, labels=ids) for ids in (w.local_rows(batch, r) for r in ranks)]
+    ranks = range(world) if rank is None else [rank]
+    outs = [model(ids, labels=ids) for ids in (rank_rows(batch, r, world) for r in ranks)]
     (sum(out.loss for out in outs) / len(outs)).backward()
     terms = torch.stack([torch.stack([getattr(o, name).detach() for name in w.METRICS]) for o in outs]).mean(0)
     if rank is not None:
@@ -73,18 +84,18 @@ def _full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, torch.distributed.tensor.DTensor) else t.clone()
 
 
-def reference(name: str) -> dict[str, Any]:
+def reference(name: str, world: int = w.WORLD) -> dict[str, Any]:
     torch.manual_seed(w.SEED)
     model = JetMoeForCausalLM(case_config(name))
-    if CASES[name][2]:
+    if {**CASES, **FOUR_RANKS}[name][2]:
         zero_block0_routers(model)
-    return step(model, None)
+    return step(model, None, world)
 
 
 def first_run(rank: int, out: Path) -> dict[str, Any]:
     """Every case on an EP = 2 mesh of the 2 ranks (the exchanges' split sizes recorded); an EP model exported as
     HF; Lightning's FSDP2Strategy with expert_parallel=2 for 2 steps, saved."""
-    cases = _cases(rank)
+    cases = _cases(rank, CASES)
     save_hf(_ep_model(w.SEED), out / "hf_ep")
     return {"cases": cases, "lightning": w.lightning_fit(rank, out, max_steps=2, resume=False, expert_parallel=EP)}
 
@@ -103,7 +114,12 @@ def _ep_model(seed: int) -> JetMoeForCausalLM:
     return build_sharded_causal_lm(w.CONFIG, expert_parallel_mesh("cpu", EP), "cpu", expert_parallel_attention=True)
 
 
-def _cases(rank: int) -> dict[str, Any]:
+def four_ranks(rank: int, out: Path) -> dict[str, Any]:
+    """The 4-rank case (spawned with world=4), its model saved as a DCP checkpoint after the step."""
+    return _cases(rank, FOUR_RANKS, save_to=out / "dcp")
+
+
+def _cases(rank: int, cases: dict[str, tuple], save_to: Path | None = None) -> dict[str, Any]:
     exchanges: list[tuple[list[int], list[int], list[int]]] = []
     make = ep.TokenExchange.__init__
 
@@ -113,7 +129,8 @@ def _cases(rank: int) -> dict[str, Any]:
 
     ep.TokenExchange.__init__ = recorded
     results = {}
-    for name, (_, options, zero_routers) in CASES.items():
+    world = torch.distributed.get_world_size()
+    for name, (_, options, zero_routers) in cases.items():
         torch.manual_seed(w.SEED)
         mesh = expert_parallel_mesh("cpu", EP)
         model = build_sharded_causal_lm(case_config(name), mesh, "cpu", **options)
@@ -122,7 +139,9 @@ def _cases(rank: int) -> dict[str, Any]:
         placements = {plain_name(n): (str(p.placements), tuple(p.device_mesh.mesh_dim_names), tuple(p.to_local().shape))
                       for n, p in model.named_parameters()}
         exchanges.clear()
-        results[name] = {**step(model, rank), "placements": placements, "exchanges": list(exchanges)}
+        results[name] = {**step(model, rank, world), "placements": placements, "exchanges": list(exchanges)}
+        if save_to is not None:
+            dcp.save(get_model_state_dict(model), checkpoint_id=save_to)
     ep.TokenExchange.__init__ = make
     return results
 

@@ -43,8 +43,11 @@ def references():
 
 @pytest.mark.parametrize("case", list(e.CASES))
 def test_loss_gradients_and_one_step_equal_one_process(runs, references, case):
-    got, expected = runs["first"][0]["cases"][case], references[case]
-    assert runs["first"][1]["cases"][case]["terms"] == got["terms"]  # all-reduced: the same on both ranks
+    assert runs["first"][1]["cases"][case]["terms"] == runs["first"][0]["cases"][case]["terms"]  # all-reduced
+    _assert_equal_to_one_process(runs["first"][0]["cases"][case], references[case])
+
+
+def _assert_equal_to_one_process(got, expected):
     for name, value in expected["terms"].items():
         assert got["terms"][name] == pytest.approx(value, abs=TOL), name
     assert got["grads"].keys() == expected["grads"].keys()
@@ -158,3 +161,19 @@ def test_compiled_blocks_exchange_like_eager_ones(tmp_path):
     (eager_loss, eager_grad), (loss, grad) = result["eager"], result["compiled"]
     torch.testing.assert_close(loss, eager_loss, atol=1e-6, rtol=0)
     torch.testing.assert_close(grad, eager_grad, atol=1e-7, rtol=0)
+
+
+@pytest.mark.slow
+def test_four_ranks_ep_2_by_data_parallel_2_shard_one_expert_per_rank_on_dim_1(tmp_path):
+    """4 ranks, 2 experts, EP 2: each EP rank holds one expert, which FSDP shards over the 2 expert-data-parallel
+    ranks on dim 1 (dim 0 would leave one of them empty). The step equals one process on the 4 ranks' rows, and
+    the DCP checkpoint of this layout consolidates to the trained weights."""
+    (name,) = e.FOUR_RANKS
+    result = w.spawn(e.four_ranks, tmp_path, world=4)[0][name]
+    _assert_equal_to_one_process(result, e.reference(name, world=4))
+    placement, dims, local_shape = result["placements"]["model.layers.0.mlp.input_linear.weight"]
+    assert (placement, dims, local_shape) == ("(Shard(dim=1), Shard(dim=0))", ("expert_data_parallel", "expert_parallel"),
+                                              (1, 64, 64))  # [E/P, 2F/2, D]
+    consolidate(tmp_path / "dcp", tmp_path / "hf", e.case_config(name))
+    for key, tensor in load_pretrained(tmp_path / "hf").state_dict().items():
+        assert torch.equal(tensor, result["weights"][key]), key
