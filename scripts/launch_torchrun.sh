@@ -7,7 +7,9 @@
 #   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 scripts/launch_torchrun.sh
 #   NNODES=2 NODE_RANK=1 MASTER_ADDR=10.0.0.1 scripts/launch_torchrun.sh
 #   # extra arguments go to `jetmoe train`: overrides, or --resume to continue from checkpoints/last.ckpt
-#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 scripts/launch_torchrun.sh --resume data.batch_size=4
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 scripts/launch_torchrun.sh data.batch_size=4 --resume
+#   # expert parallelism: the experts split over the 8 GPUs of each node, FSDP over the nodes
+#   NNODES=2 NODE_RANK=0 MASTER_ADDR=10.0.0.1 scripts/launch_torchrun.sh model.num_local_experts=64 trainer.expert_parallel=8
 #
 # run.output_dir must be on a filesystem all nodes share (sharded checkpoints are one file per rank).
 set -euo pipefail

@@ -246,6 +246,10 @@ ERRORS = [
     (None, ["downstream.tasks=[{{name: mine, path: {tmp}/bad_json.jsonl}}]"], "bad_json.jsonl:2: not valid JSON"),
     (None, ["downstream.tasks=[{{name: mine, path: {tmp}/bad_label.jsonl}}]"],
      "bad_label.jsonl:1: 'label' 3 is outside the 2 choices (0..1)"),
+    (None, ["trainer.strategy=fsdp", "trainer.expert_parallel=2", "trainer.devices=3"],
+     "trainer.expert_parallel (2) must divide the number of ranks, trainer.devices × trainer.num_nodes (3)"),
+    (None, ["trainer.strategy=fsdp", "trainer.expert_parallel=2", "trainer.devices=1"],  # no distributed launch
+     "trainer.expert_parallel (2) must divide the number of ranks, trainer.devices × trainer.num_nodes (1)"),
 ]
 
 
@@ -373,3 +377,16 @@ def test_a_store_of_another_tokenizer_or_a_damaged_shard_fails_cleanly_and_keeps
     assert "train-00000.bin: shard of source 'stdlib' is missing" in _last_error(capsys.readouterr().err)
     assert main(["prepare", DEFAULT, *common]) == 0  # rebuilds exactly the missing shard
     assert "1 new/1" in capsys.readouterr().out and _store_files(store) == before
+
+
+def test_plan_compares_fsdp_alone_with_each_expert_parallel_degree(capsys):
+    plan = ["plan", str(REPO / "experiments/jetmoe_8b.yaml"), "model.num_local_experts=64", "trainer.expert_parallel=8"]
+    assert main([*plan, "--gpus", "128"]) == 0
+    out = capsys.readouterr().out
+    assert "MoE experts split over 8 devices (inside a node), FSDP over 16" in out
+    table = out[out.index("expert_parallel  all-gather GB"):].splitlines()
+    assert [row.split()[0] for row in table[1:-1]] == ["1", "2", "4", "8", "16", "32", "64"]
+    assert table[4].startswith("8 (configured)")
+    assert table[-1].endswith("moves the fewest bytes; inside a node, expert_parallel=8")
+    assert main([*plan, "--gpus", "12"]) == 2
+    assert capsys.readouterr().err.strip() == "jetmoe: error: expert_parallel (8) must divide gpus (12)"

@@ -12,7 +12,7 @@ prints one line and exits with status 1; anything else is a bug and keeps its tr
     jetmoe eval runs/default --tasks stdlib_next_line,hellaswag,my_task.jsonl [--num-fewshot 0 --limit 100]
     jetmoe report runs/default
     jetmoe sweep experiments/ablate_experts_smoke.yaml [key=value ...]
-    jetmoe plan experiments/jetmoe_8b.yaml --gpus 96 [--gpu-memory-gb 80 --mfu 0.4]
+    jetmoe plan experiments/jetmoe_8b.yaml --gpus 96 [--gpu-memory-gb 80 --mfu 0.4 --gpus-per-node 8]
     jetmoe consolidate runs/big [--out DIR]
 """
 
@@ -170,6 +170,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="bf16 dense peak per device (H100 SXM: 989)")
     p.add_argument("--mfu", type=_number(float, 0, 1, low_open=True), default=0.4,
                    help="assumed model FLOPs utilisation, in (0, 1]")
+    p.add_argument("--gpus-per-node", type=_number(int, 1), default=8,
+                   help="devices per node (whether an expert-parallel group stays inside one)")
     p.set_defaults(command=_plan)
 
     p = commands.add_parser("consolidate", help="one HF-format directory from a run's sharded (FSDP) checkpoint")
@@ -274,17 +276,22 @@ def _sweep(args: argparse.Namespace) -> None:
 
 def _plan(args: argparse.Namespace) -> None:
     from jetmoe.distributed import estimate, format_plan
+    from jetmoe.distributed.plan import expert_parallel_options, format_expert_parallel_options
     from jetmoe.training.config import build_model_config, load_config
 
     cfg = load_config(args.experiment, args.overrides)
     t, d = cfg.trainer, cfg.data
     tokens_per_step = d.seq_len * d.batch_size * t.accumulate_grad_batches * args.gpus
-    print(format_plan(estimate(
-        build_model_config(cfg.model), seq_len=d.seq_len, global_batch_tokens=tokens_per_step,
-        micro_batch_size=d.batch_size, gpus=args.gpus, gpu_memory_gb=args.gpu_memory_gb, precision=t.precision,
+    config = build_model_config(cfg.model)
+    plan = dict(
+        seq_len=d.seq_len, global_batch_tokens=tokens_per_step, micro_batch_size=d.batch_size, gpus=args.gpus,
+        gpu_memory_gb=args.gpu_memory_gb, precision=t.precision,
         activation_checkpointing="full" if cfg.model.gradient_checkpointing else "none",
-        peak_tflops=args.peak_tflops, mfu=args.mfu,
-    )))
+        peak_tflops=args.peak_tflops, mfu=args.mfu, expert_parallel_attention=t.expert_parallel_attention,
+        gpus_per_node=args.gpus_per_node,
+    )
+    print(format_plan(estimate(config, **plan, expert_parallel=t.expert_parallel)))
+    print(f"\n{format_expert_parallel_options(expert_parallel_options(config, **plan), t.expert_parallel)}")
 
 
 def _consolidate(args: argparse.Namespace) -> None:

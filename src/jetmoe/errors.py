@@ -36,6 +36,13 @@ def choice_problem(name: str, value: object, choices: tuple) -> str | None:
     return f"{name} must be one of {', '.join(map(str, choices))}, got {value!r}"
 
 
+def divisor_problem(name: str, value: int, total_name: str, total: int) -> str | None:
+    """The one-line message when `value` does not divide `total`, else None."""
+    if total % value == 0:
+        return None
+    return f"{name} ({value}) must divide {total_name} ({total})"
+
+
 def check_choice(name: str, value: object, choices: tuple) -> None:
     """ConfigError naming `name` unless `value` is one of `choices`."""
     problem = choice_problem(name, value, choices)

@@ -52,21 +52,21 @@ def optimizer(model: nn.Module) -> torch.optim.Optimizer:
 # ----------------------------------------------------------------------------- launching
 
 
-def spawn(phase: Callable[..., dict[str, Any]], out: Path) -> list[dict[str, Any]]:
-    """Run `phase(rank, out)` in WORLD fresh processes joined by gloo; returns each rank's result."""
+def spawn(phase: Callable[..., dict[str, Any]], out: Path, world: int = WORLD) -> list[dict[str, Any]]:
+    """Run `phase(rank, out)` in `world` fresh processes joined by gloo; returns each rank's result."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_entry, args=(phase, port, out), nprocs=WORLD, join=True)
-    return [torch.load(out / f"{phase.__name__}_rank{r}.pt", weights_only=True) for r in range(WORLD)]
+    mp.spawn(_entry, args=(phase, port, out, world), nprocs=world, join=True)
+    return [torch.load(out / f"{phase.__name__}_rank{r}.pt", weights_only=True) for r in range(world)]
 
 
-def _entry(rank: int, phase: Callable[..., dict[str, Any]], port: int, out: Path) -> None:
+def _entry(rank: int, phase: Callable[..., dict[str, Any]], port: int, out: Path, world: int) -> None:
     # LOCAL_RANK etc. let Lightning see externally created processes (it reuses this process group).
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), LOCAL_RANK=str(rank), NODE_RANK="0",
-                      WORLD_SIZE=str(WORLD), RANK=str(rank))
+                      WORLD_SIZE=str(world), RANK=str(rank))
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
     try:
         torch.save(phase(rank, out), out / f"{phase.__name__}_rank{rank}.pt")
     finally:
@@ -135,7 +135,7 @@ def first_run(rank: int, out: Path) -> dict[str, Any]:
     opt = optimizer(model)
     train(model, opt, range(2), rank)
     save_hf(model, out / "hf_step2")
-    lightning = _lightning_fit(rank, out, max_steps=2, resume=False)
+    lightning = lightning_fit(rank, out, max_steps=2, resume=False)
     return {"init": init, "placements": placements, "uninterrupted": uninterrupted, "state_bytes": state_bytes,
             "lightning": lightning}
 
@@ -146,7 +146,7 @@ def resumed_run(rank: int, out: Path) -> dict[str, Any]:
     mesh = init_device_mesh("cpu", (WORLD,))
     hf_model = build_sharded_causal_lm(CONFIG, mesh, "cpu")
     load_hf_weights(hf_model, out / "hf_step2")
-    lightning = _lightning_fit(rank, out, max_steps=STEPS, resume=True)
+    lightning = lightning_fit(rank, out, max_steps=STEPS, resume=True)
     return {"from_hf": full_state_dict(hf_model), "lightning": lightning}
 
 
@@ -183,10 +183,11 @@ class TinyLitModule(L.LightningModule):
         return torch.utils.data.DataLoader(range(STEPS), batch_size=None)  # steps index self.batches
 
 
-def _lightning_fit(rank: int, out: Path, max_steps: int, resume: bool) -> dict[str, Any]:
+def lightning_fit(rank: int, out: Path, max_steps: int, resume: bool, expert_parallel: int = 1) -> dict[str, Any]:
     ckpt = out / "lightning" / "last.ckpt"
     trainer = L.Trainer(
-        accelerator="cpu", devices=WORLD, strategy=FSDP2Strategy(), precision="32-true", max_steps=max_steps,
+        accelerator="cpu", devices=WORLD, strategy=FSDP2Strategy(expert_parallel), precision="32-true",
+        max_steps=max_steps,
         gradient_clip_val=CLIP, logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
         default_root_dir=out / "lightning",

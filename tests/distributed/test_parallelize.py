@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 
 from jetmoe import JetMoeConfig, JetMoeForCausalLM
 from jetmoe.distributed import build_sharded_causal_lm, parallelize_jetmoe
-from jetmoe.distributed.parallelize import data_parallel_mesh
+from jetmoe.distributed.mesh import data_parallel_mesh
 from jetmoe.distributed.strategy import FSDP2Strategy
 
 

@@ -1,5 +1,6 @@
 """The memory and throughput plan: activation bytes against the model's measured memory, the state bytes
-against real tensors, scaling rules, and the JetMoE-8B paper's throughput."""
+against real tensors, scaling rules, the JetMoE-8B paper's throughput, and expert parallelism's memory and
+bytes sent (the all-to-all bytes against the exchanges of a real run: test_expert_parallel.py)."""
 
 from __future__ import annotations
 
@@ -9,12 +10,16 @@ from torch.profiler import ProfilerActivity, profile
 
 from jetmoe import JetMoeConfig, JetMoeForCausalLM
 from jetmoe.distributed.plan import (
+    communication_bytes,
     estimate,
+    expert_parallel_options,
+    format_expert_parallel_options,
     format_plan,
     implied_mfu,
     local_state_bytes,
     saved_activation_bytes,
 )
+from jetmoe.errors import ConfigError
 from jetmoe.model.backends import FusedOps
 from model_helpers import use_ops
 
@@ -88,5 +93,69 @@ def test_jetmoe_8b_paper_throughput_implies_about_a_fifth_of_h100_peak():
 
 def test_format_plan_lists_memory_fit_and_throughput():
     text = format_plan(estimate(JetMoeConfig.from_name("jetmoe-8b"), **PLAN, activation_checkpointing="full"))
-    for fragment in ("AdamW states (sharded)", "activations", "fits", "grad accumulation", "tokens/day"):
+    for fragment in ("AdamW states (sharded)", "activations", "fits", "grad accumulation", "tokens/day",
+                     "expert parallel", "sent per device/step"):
         assert fragment in text
+
+
+# ----------------------------------------------------------------------------- expert parallelism
+
+
+def test_expert_parallelism_keeps_the_sharded_state_and_shrinks_the_gathered_experts():
+    config = JetMoeConfig.from_name("jetmoe-8b", num_local_experts=64)
+    fsdp, ep = estimate(config, **PLAN), estimate(config, **PLAN, expert_parallel=8)
+    for key in ("params_gb", "grads_gb", "optimizer_gb", "activations_gb"):
+        assert ep[key] == fsdp[key], key  # experts /8 over EP, /12 over FSDP: still /96 per device
+    D, F, E = config.hidden_size, config.intermediate_size, config.num_local_experts
+    block_experts = E * 3 * D * F  # one block's MoE experts; EP gathers 1/8 of them
+    assert fsdp["fsdp_buffers_gb"] - ep["fsdp_buffers_gb"] == pytest.approx(3 * block_experts * 7 / 8 * 2 / 1e9)
+    assert fsdp["all_to_all_gb"] == 0 < ep["all_to_all_gb"]
+    assert ep["all_gather_gb"] < fsdp["all_gather_gb"] and ep["sent_gb"] < fsdp["sent_gb"]
+    moa = estimate(config, **PLAN, expert_parallel=8, expert_parallel_attention=True)
+    assert moa["fsdp_buffers_gb"] < ep["fsdp_buffers_gb"] and moa["all_to_all_gb"] > ep["all_to_all_gb"]
+
+
+def test_communication_bytes_by_hand():
+    """The test preset on 4 devices, EP 2, fp32, no checkpointing, 10 tokens: each collective counted by hand."""
+    config = JetMoeConfig.from_name("test")  # D 64, F 64, E 4, k 2, L 2, A 32, vocab 128 (tied)
+    sent = communication_bytes(config, tokens=10, gpus=4, precision="32-true", activation_checkpointing="none",
+                               expert_parallel=2)
+    root = 128 * 64 + 64
+    experts = 2 * 4 * 3 * 64 * 64  # L · E · 3·D·F
+    blocks = config.num_parameters()["total"] - root - experts
+    gathered = blocks * 3 / 4 + experts / 2 * 1 / 2  # over the 4 ranks; the local half over the 2 others
+    assert sent["all_gather"] == pytest.approx(4 * (root * 3 / 4 + 2 * gathered))
+    assert sent["reduce_scatter"] == pytest.approx(4 * (root * 3 / 4 + gathered))
+    rows = 10 * 2
+    assert sent["all_to_all"] == pytest.approx(4 * rows * (2 * 64) * (2 * 2) * 1 / 2)  # out + back, fwd + bwd, 2 layers
+    full = communication_bytes(config, tokens=10, gpus=4, precision="32-true", activation_checkpointing="full",
+                               expert_parallel=2, expert_parallel_attention=True)
+    assert full["all_to_all"] == pytest.approx(4 * rows * (2 * 64 + 2 * (64 + 32)) * (2 * 2 + 2) * 1 / 2)
+    alone = communication_bytes(config, tokens=10, gpus=1, precision="32-true", activation_checkpointing="none")
+    assert alone == {"all_gather": 0, "reduce_scatter": 0, "all_to_all": 0}
+
+
+def test_the_options_table_names_the_degree_that_sends_the_fewest_bytes():
+    config = JetMoeConfig.from_name("jetmoe-8b", num_local_experts=64)
+    plan = {**PLAN, "gpus": 128, "micro_batch_size": 8, "activation_checkpointing": "full"}
+    options = expert_parallel_options(config, **plan)
+    assert [o["expert_parallel"] for o in options] == [1, 2, 4, 8, 16, 32, 64]
+    assert [o["ep_within_node"] for o in options] == [True] * 4 + [False] * 3
+    text = format_expert_parallel_options(options, configured=8)
+    fewest = min(options, key=lambda o: o["sent_gb"])["expert_parallel"]
+    inside = min((o for o in options if o["ep_within_node"]), key=lambda o: o["sent_gb"])["expert_parallel"]
+    assert (fewest, inside) == (64, 8)
+    assert text.endswith(f"expert_parallel={fewest} moves the fewest bytes; inside a node, expert_parallel={inside}")
+    assert "8 (configured)" in text
+    small = expert_parallel_options(JetMoeConfig.from_name("jetmoe-8b"), **{**PLAN, "micro_batch_size": 8})
+    assert format_expert_parallel_options(small, configured=1).splitlines()[1].startswith("1 (configured)")
+
+
+@pytest.mark.parametrize(("degree", "gpus", "message"), [
+    (3, 96, r"expert_parallel \(3\) must divide num_local_experts \(8\)"),
+    (8, 12, r"expert_parallel \(8\) must divide gpus \(12\)"),
+    (0, 96, r"expert_parallel must be >= 1, got 0"),
+])
+def test_impossible_expert_parallel_degrees_are_refused(degree, gpus, message):
+    with pytest.raises(ConfigError, match=message):
+        estimate(JetMoeConfig.from_name("jetmoe-8b"), **{**PLAN, "gpus": gpus}, expert_parallel=degree)

@@ -15,7 +15,8 @@ from torch.utils.data import DataLoader, TensorDataset
 from jetmoe import JetMoeForCausalLM
 from jetmoe.errors import InputFileError, MissingFileError
 from jetmoe.eval.callback import DOWNSTREAM_JSON, DownstreamEvalCallback, build_downstream_callback
-from jetmoe.eval.config import DownstreamConfig, TaskConfig
+from jetmoe.eval.config import DownstreamConfig
+from jetmoe.eval.tasks import TaskConfig
 from jetmoe.eval.scoring import score_task
 
 

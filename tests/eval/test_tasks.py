@@ -8,8 +8,7 @@ import pytest
 
 from jetmoe.data.sources import stdlib_files
 from jetmoe.errors import ConfigError, InputFileError, MissingFileError, UserError
-from jetmoe.eval.config import TaskConfig
-from jetmoe.eval.tasks import load_task, read_datasets_task, read_jsonl_task, stdlib_next_line
+from jetmoe.eval.tasks import TaskConfig, load_task, read_datasets_task, read_jsonl_task, stdlib_next_line
 
 GOOD = [
     {"context": "2 + 2 =", "choices": ["4", "5"], "label": 0},

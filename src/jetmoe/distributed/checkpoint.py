@@ -13,6 +13,7 @@ in one process, without a process group.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 from typing import Any
@@ -56,7 +57,18 @@ def _barrier() -> None:
 def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Collective: the gathered (unsharded) model state dict on rank 0, in host memory; `{}` on other ranks.
     Keys are the plain module names (no checkpoint-wrapper or compile prefixes)."""
-    return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    redistribute_log = logging.getLogger("torch.distributed.tensor._redistribute")
+    redistribute_log.addFilter(_one_gather_per_mesh_dim)
+    try:
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    finally:
+        redistribute_log.removeFilter(_one_gather_per_mesh_dim)
+
+
+def _one_gather_per_mesh_dim(record: logging.LogRecord) -> bool:
+    """Drop DTensor's note that an expert-parallel weight (sharded over both dims of its 2-D mesh) is gathered by
+    two all-gathers: expected, once per weight and rank."""
+    return not record.getMessage().startswith("While redistributing from")
 
 
 def save_hf(model: JetMoePreTrainedModel, directory: str | Path) -> None:
@@ -110,21 +122,41 @@ def consolidate(sharded_dir: str | Path, out_dir: str | Path, config: JetMoeConf
         model = JetMoeForCausalLM(config)
     model.to_empty(device="cpu")
     model.tie_weights()
+    wanted = {key: tensor for key, tensor in model.state_dict().items()
+              if not (config.tie_word_embeddings and key == HEAD_KEY)}
     prefix = _model_prefix(path)
-    wanted = {
-        prefix + key: tensor for key, tensor in model.state_dict().items()
-        if not (config.tie_word_embeddings and key == HEAD_KEY)
-    }
+    check_tensor_shapes(path, {key: tensor.shape for key, tensor in wanted.items()}, prefix)
+    wanted = {prefix + key: tensor for key, tensor in wanted.items()}
     with warnings.catch_warnings():  # "torch.distributed is disabled ... load in a single process": intended
         warnings.simplefilter("ignore", UserWarning)
         dcp.load(wanted, checkpoint_id=path, no_dist=True)  # fills the model's tensors in place
     hf_io.write_checkpoint(out_dir, config, model.state_dict(), type(model).__name__)
 
 
+def check_tensor_shapes(path: Path, expected: dict[str, torch.Size], prefix: str = "") -> None:
+    """Before a DCP load: every tensor of `expected` (global shapes) is in the checkpoint at `path` under
+    `prefix` + its name with that global shape, else an InputFileError naming the first that is not. DCP reshards a
+    tensor to any sharding of the same global shape (another number of ranks, another expert-parallel degree),
+    never to another shape (another expert count or width)."""
+    stored = _metadata(path)
+    for key, shape in expected.items():
+        if prefix + key not in stored:
+            raise InputFileError(f"{path}: the checkpoint holds no {key} (not a checkpoint of this model)")
+        found = list(getattr(stored[prefix + key], "size", ()))
+        if found != list(shape):
+            raise InputFileError(
+                f"{path}: {key} is {found} in the checkpoint but {list(shape)} in the model: a checkpoint loads at "
+                "any number of ranks and any expert_parallel degree, not into another expert count or size"
+            )
+
+
+def _metadata(path: Path) -> dict[str, Any]:
+    return dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+
+
 def _model_prefix(path: Path) -> str:
     """Where the model sits in a DCP checkpoint ("state_dict.model." in Lightning's)."""
-    keys = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    prefixes = {key.removesuffix(EMBED_KEY) for key in keys if key.endswith(EMBED_KEY)}
+    prefixes = {key.removesuffix(EMBED_KEY) for key in _metadata(path) if key.endswith(EMBED_KEY)}
     if len(prefixes) != 1:
         raise InputFileError(f"{path}: expected one model in the checkpoint, found {len(prefixes)} ({sorted(prefixes)})")
     return prefixes.pop()

@@ -9,6 +9,10 @@ Meta-device flow (what `build_sharded_causal_lm` does and what a Lightning `conf
 
 Every decoder block is its own FSDP unit (all-gathered just before it runs, resharded after); the root unit
 holds the embeddings, the tied LM head and the final norm, so a tied head stays one parameter under sharding.
+
+On an expert-parallel mesh (`jetmoe.distributed.mesh.expert_parallel_mesh`) the expert weights are first split by
+expert over "expert_parallel" (`expert_parallel.shard_experts`); each block's FSDP unit then shards them over
+"expert_data_parallel" and everything else over all ranks (one `fully_shard` per block, per-parameter meshes).
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from jetmoe.config import PRECISIONS, JetMoeConfig
+from jetmoe.distributed.expert_parallel import average_gradients_over, expert_shard_placement, shard_experts
+from jetmoe.distributed.mesh import data_parallel_mesh, expert_meshes
 from jetmoe.errors import check_choice
 from jetmoe.model import JetMoeForCausalLM, JetMoePreTrainedModel, init_module_weights
 
@@ -40,11 +46,14 @@ def parallelize_jetmoe(
     precision: Precision = "32-true",
     cpu_offload: bool = False,
     reshard_after_forward: bool = True,
+    expert_parallel_attention: bool = False,
 ) -> JetMoePreTrainedModel:
     """Shard `model` (ideally still on the meta device) over the data-parallel ranks of `device_mesh`.
 
-    `device_mesh` is 1-D, or Lightning's 2-D ("data_parallel", "tensor_parallel") mesh with tensor_parallel
-    size 1. `activation_checkpointing`: "full" recomputes every decoder block in backward, "selective" every
+    `device_mesh` is 1-D, Lightning's 2-D ("data_parallel", "tensor_parallel") mesh with tensor_parallel
+    size 1, or an expert-parallel mesh (`mesh.expert_parallel_mesh`): then the MoE experts, and the MoA experts
+    with `expert_parallel_attention`, are split by expert over its "expert_parallel" dim.
+    `activation_checkpointing`: "full" recomputes every decoder block in backward, "selective" every
     other block (blocks 0, 2, 4, ...: half of full's activation saving for half of its recomputation).
     `precision` "bf16-mixed" keeps fp32 sharded (master) parameters and runs blocks with bf16 copies, reducing
     gradients in fp32; "bf16-true" stores the parameters in bf16. Returns `model` (sharded in place).
@@ -59,6 +68,12 @@ def parallelize_jetmoe(
     mesh = data_parallel_mesh(device_mesh)
     if precision == "bf16-true":
         model.to(torch.bfloat16)
+    experts = expert_meshes(device_mesh)
+    placement = None
+    if experts:
+        expert_data_mesh, ep_mesh = experts
+        expert_params = shard_experts(model, ep_mesh, expert_parallel_attention)
+        placement = expert_shard_placement(expert_params, expert_data_mesh)
     layers = model.base_model.layers
     for i, block in enumerate(layers):
         if activation_checkpointing == "full" or (activation_checkpointing == "selective" and i % 2 == 0):
@@ -68,24 +83,11 @@ def parallelize_jetmoe(
         layers[i] = block
     shard_kwargs = dict(mesh=mesh, mp_policy=mixed_precision_policy(precision), offload_policy=_offload(cpu_offload))
     for block in layers:
-        fully_shard(block, reshard_after_forward=reshard_after_forward, **shard_kwargs)
+        fully_shard(block, reshard_after_forward=reshard_after_forward, shard_placement_fn=placement, **shard_kwargs)
+        if experts:
+            average_gradients_over(block, mesh, expert_data_mesh)
     fully_shard(model, **shard_kwargs)  # embeddings, (tied) LM head, final norm
     return model
-
-
-def data_parallel_mesh(device_mesh: DeviceMesh) -> DeviceMesh:
-    """The 1-D mesh FSDP shards over: `device_mesh` itself, or the "data_parallel" dim of Lightning's mesh."""
-    if device_mesh.ndim == 1:
-        return device_mesh
-    names = device_mesh.mesh_dim_names or ()
-    if device_mesh.ndim == 2 and names == ("data_parallel", "tensor_parallel"):
-        if device_mesh["tensor_parallel"].size() == 1:
-            return device_mesh["data_parallel"]
-    raise ValueError(
-        f"expected a 1-D mesh or a (data_parallel, tensor_parallel=1) mesh, got shape {tuple(device_mesh.shape)} "
-        f"with dims {names}: tensor parallelism is not supported (use jetmoe.distributed.strategy.FSDP2Strategy, "
-        "which shards over all ranks)"
-    )
 
 
 def mixed_precision_policy(precision: Precision) -> MixedPrecisionPolicy:

@@ -24,25 +24,9 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from jetmoe.errors import ConfigError
-from jetmoe.eval.tasks import BUILTIN_TASKS
+from jetmoe.eval.tasks import BUILTIN_TASKS, TaskConfig
 
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")  # a TensorBoard tag and a file name
-
-
-@dataclass
-class TaskConfig:
-    """One multiple-choice task: built in (``name`` only), a JSON-lines file (``path``) or a ``datasets`` table."""
-
-    name: str = ""
-    path: Optional[str] = None
-    hub_name: Optional[str] = None
-    hub_config: Optional[str] = None
-    split: str = "validation"  # hub_name only
-    context_field: str = "context"
-    choices_field: str = "choices"
-    label_field: str = "label"  # an index into the choices, or the text of the right choice
-    target_delimiter: Optional[str] = None  # between context and choice; None: " " (lm-eval's), built-ins their own
-    limit: Optional[int] = None  # score the first `limit` items; None: all
 
 
 @dataclass

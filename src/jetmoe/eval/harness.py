@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from jetmoe.errors import MissingFileError, UserError
-from jetmoe.eval.tasks import BUILTIN_TASKS, MultipleChoiceTask, load_task, read_jsonl_task
+from jetmoe.eval.tasks import BUILTIN_TASKS, MultipleChoiceTask, TaskConfig, load_task, read_jsonl_task
 
 TASK_FILE_SUFFIXES, YAML_SUFFIXES = (".jsonl", ".json"), (".yaml", ".yml")
 
@@ -55,8 +55,6 @@ def resolve_tasks(specs: Sequence[str], work_dir: str | Path) -> tuple[list[Any]
     for spec in specs:
         path = Path(spec).expanduser()
         if spec in BUILTIN_TASKS:
-            from jetmoe.eval.config import TaskConfig
-
             tasks.append(_inline(load_task(TaskConfig(name=spec)), work_dir))
         elif path.suffix in TASK_FILE_SUFFIXES:
             tasks.append(_inline(read_jsonl_task(path, path.stem.replace(" ", "_")), work_dir))

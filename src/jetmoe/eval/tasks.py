@@ -20,12 +20,9 @@ import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 from jetmoe.errors import ConfigError, InputFileError, MissingFileError, UserError
-
-if TYPE_CHECKING:
-    from jetmoe.eval.config import TaskConfig
 
 DEFAULT_DELIMITER = " "  # lm-evaluation-harness's default target_delimiter
 SPECIAL_TOKEN_TEXT = ("<s>", "</s>", "<pad>")  # the HF tokenizer would read these as special tokens
@@ -37,6 +34,22 @@ BUILTIN_TASKS = {
         "with the same indentation (3 from other test files; the test suites are not in the default training corpus)"
     ),
 }
+
+
+@dataclass
+class TaskConfig:
+    """One multiple-choice task: built in (``name`` only), a JSON-lines file (``path``) or a ``datasets`` table."""
+
+    name: str = ""
+    path: Optional[str] = None
+    hub_name: Optional[str] = None
+    hub_config: Optional[str] = None
+    split: str = "validation"  # hub_name only
+    context_field: str = "context"
+    choices_field: str = "choices"
+    label_field: str = "label"  # an index into the choices, or the text of the right choice
+    target_delimiter: Optional[str] = None  # between context and choice; None: " " (lm-eval's), built-ins their own
+    limit: Optional[int] = None  # score the first `limit` items; None: all
 
 
 @dataclass(frozen=True)

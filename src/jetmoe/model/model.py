@@ -24,6 +24,7 @@ A = H·Dh, V vocabulary, C classes.
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -117,8 +118,7 @@ class MixtureOfExperts(nn.Module):
         x_ND = x_BTD.flatten(0, 1)
         routing = self.router(x_ND)
         x_MD = ops.dispatch(x_ND, routing)  # each token's k copies, sorted by expert
-        h_M2F = ops.expert_linear(x_MD, self.input_linear.weight, routing)
-        y_MD = ops.expert_linear(ops.glu(h_M2F, self.activation), self.output_linear.weight, routing)
+        y_MD = ops.expert_mlp(x_MD, self.input_linear.weight, self.output_linear.weight, self.activation, routing)
         return ops.combine(y_MD, routing, self.bias).view_as(x_BTD), routing
 
 
@@ -258,6 +258,10 @@ class JetMoePreTrainedModel(nn.Module):
     """Weight init and activation checkpointing shared by the JetMoE models. Checkpoints in the Hugging Face layout
     are read and written by `jetmoe.hf_io` (`load_pretrained`, `save_pretrained`)."""
 
+    #: Wraps the operations of every forward, for a parallelism that moves computation between devices (expert
+    #: parallelism: `jetmoe.distributed.expert_parallel`); None runs them as selected.
+    ops_wrapper: Callable[[ReferenceOps], ReferenceOps] | None = None
+
     def __init__(self, config: JetMoeConfig) -> None:
         super().__init__()
         self.config = config
@@ -309,8 +313,10 @@ class JetMoePreTrainedModel(nn.Module):
         return next(self.parameters()).dtype
 
     def ops_for(self, x: torch.Tensor) -> ReferenceOps:
-        """The operations of a forward on activations like `x` (`config.kernels`, `config.expert_impl`)."""
-        return select_ops(self.config.kernels, self.config.expert_impl, x.device, x.dtype)
+        """The operations of a forward on activations like `x` (`config.kernels`, `config.expert_impl`), passed
+        through `ops_wrapper` when a parallelism set one."""
+        ops = select_ops(self.config.kernels, self.config.expert_impl, x.device, x.dtype)
+        return ops if self.ops_wrapper is None else self.ops_wrapper(ops)
 
 
 class JetMoeModel(JetMoePreTrainedModel):

@@ -53,9 +53,19 @@ class ReferenceOps:
 
     def expert_linear(self, x_MI: torch.Tensor, w_EOI: torch.Tensor, routing: Routing) -> torch.Tensor:
         """Sorted rows times their expert's weight: expert e's `counts_E[e]` consecutive rows times `w_EOI[e]^T`.
-        One product per expert, with the counts read on the host (a device synchronisation)."""
+        One product per expert, with the counts read on the host (a device synchronisation). Of `routing`, this
+        and every override read only the row groups, `counts_E` and `offsets_E`."""
         chunks = x_MI.split(routing.counts_E.tolist())
         return torch.cat([self.linear(chunk_I, w_EOI[e]) for e, chunk_I in enumerate(chunks)])
+
+    def expert_mlp(
+        self, x_MD: torch.Tensor, w_E2FD: torch.Tensor, w_EDF: torch.Tensor,
+        activation: Callable[[torch.Tensor], torch.Tensor], routing: Routing,
+    ) -> torch.Tensor:
+        """The GLU MLP experts on sorted rows: `w_EDF · glu(w_E2FD · x)` per expert. One operation for the whole
+        MLP, so that expert parallelism exchanges its rows once (`jetmoe.distributed.expert_parallel`)."""
+        h_M2F = self.expert_linear(x_MD, w_E2FD, routing)
+        return self.expert_linear(self.glu(h_M2F, activation), w_EDF, routing)
 
     def combine(self, y_MD: torch.Tensor, routing: Routing, bias_D: torch.Tensor) -> torch.Tensor:
         """`[M, D]` sorted expert outputs -> `[N, D]`: each token's k outputs weighted by its gates and summed,

@@ -40,7 +40,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from jetmoe.config import PRECISIONS, JetMoeConfig
 from jetmoe.data.config import DataConfig, validate_data_config
 from jetmoe.data.mixture import phase_start_steps
-from jetmoe.errors import ConfigError, MissingFileError, choice_problem
+from jetmoe.errors import ConfigError, MissingFileError, choice_problem, divisor_problem
 from jetmoe.eval.config import DownstreamConfig, validate_downstream_config
 
 SCHEDULES = ("wsd", "cosine", "constant")
@@ -125,6 +125,8 @@ class TrainerConfig:
     devices: Union[int, str] = "auto"
     num_nodes: int = 1
     strategy: str = "auto"  # auto | ddp | fsdp (FSDP2 via jetmoe.distributed)
+    expert_parallel: int = 1  # fsdp: split the MoE experts by expert over groups of this many ranks (EP)
+    expert_parallel_attention: bool = False  # with expert_parallel > 1: split the MoA attention experts too
     precision: str = "32-true"  # 32-true | bf16-mixed | bf16-true
     max_steps: int = 1000
     val_check_interval: int = 100  # validate every N optimizer steps
@@ -426,10 +428,17 @@ def _problems(cfg: ExperimentConfig) -> Iterator[str]:
     for key in ("decay_fraction", "min_lr_ratio"):
         if not 0 <= getattr(o, key) <= 1:
             yield f"optim.{key} must be in [0, 1], got {getattr(o, key)}"
-    for key in ("max_steps", "val_check_interval", "log_every_n_steps", "accumulate_grad_batches", "num_nodes"):
+    for key in ("max_steps", "val_check_interval", "log_every_n_steps", "accumulate_grad_batches", "num_nodes",
+                "expert_parallel"):
         if getattr(t, key) <= 0:
             yield f"trainer.{key} must be > 0, got {getattr(t, key)}"
             return  # the checks below divide by these
+    if t.expert_parallel > 1 and t.strategy != "fsdp":
+        yield f"trainer.expert_parallel ({t.expert_parallel}) needs trainer.strategy=fsdp, got {t.strategy!r}"
+    problem = divisor_problem("trainer.expert_parallel", t.expert_parallel, "model.num_local_experts",
+                              m.num_local_experts)
+    if problem:
+        yield problem
     if not 0 <= o.warmup_steps <= t.max_steps:
         yield f"optim.warmup_steps ({o.warmup_steps}) must be in [0, trainer.max_steps ({t.max_steps})]"
     stable_end = int(t.max_steps * (1 - o.decay_fraction))

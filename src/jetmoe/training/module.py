@@ -49,7 +49,7 @@ class JetMoeLitModule(L.LightningModule):
             self.model = build_sharded_causal_lm(
                 build_model_config(m), self.device_mesh, self.trainer.strategy.root_device,
                 activation_checkpointing="full" if m.gradient_checkpointing else "none",
-                compile=t.compile, precision=t.precision,
+                compile=t.compile, precision=t.precision, expert_parallel_attention=t.expert_parallel_attention,
             )
             if m.init_from:
                 load_hf_weights(self.model, m.init_from)

@@ -12,6 +12,7 @@ import lightning as L
 import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 
+from jetmoe.distributed.clip import total_norm
 from jetmoe.errors import InputFileError, MissingFileError, RunFailure, check_choice
 from jetmoe.files import atomic_write
 from jetmoe.training.config import ON_NONFINITE
@@ -86,7 +87,7 @@ class NonFiniteGuard(L.Callback):
     def on_before_optimizer_step(self, trainer: L.Trainer, pl_module: L.LightningModule, optimizer) -> None:
         bad = [name for name, value in getattr(pl_module, "loss_terms", {}).items() if not _finite(value)]
         grads = [p.grad for p in pl_module.parameters() if p.grad is not None]
-        if not bad and grads and not _finite(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))):
+        if not bad and grads and not _finite(total_norm(grads)):
             bad = ["gradients"]
         if not bad:
             return

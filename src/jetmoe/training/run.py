@@ -34,7 +34,7 @@ from tokenizers import Tokenizer
 
 from jetmoe import JetMoeConfig, JetMoeForCausalLM, hf_io, load_pretrained, save_pretrained
 from jetmoe.data.config import SourceConfig
-from jetmoe.errors import ConfigError, MissingFileError, UserError
+from jetmoe.errors import ConfigError, MissingFileError, UserError, divisor_problem
 from jetmoe.files import atomic_write_text
 from jetmoe.data.datamodule import JetMoeDataModule, evaluation_batches
 from jetmoe.data.prepare import SourceSummary, prepare_store
@@ -184,11 +184,11 @@ def _build_trainer(cfg: ExperimentConfig, run_dir: Path) -> L.Trainer:
                 output_dir=run_dir,
             )
         )
-    return L.Trainer(
+    trainer = L.Trainer(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
-        strategy=FSDP2Strategy() if fsdp else t.strategy,
+        strategy=FSDP2Strategy(expert_parallel=t.expert_parallel) if fsdp else t.strategy,
         precision="32-true" if fsdp else t.precision,  # under FSDP the precision is FSDP2's mixed-precision policy
         max_steps=t.max_steps,
         max_epochs=-1,
@@ -208,6 +208,11 @@ def _build_trainer(cfg: ExperimentConfig, run_dir: Path) -> L.Trainer:
         use_distributed_sampler=False,  # the data module shards by rank itself
         plugins=[] if fsdp else [AtomicCheckpointIO()],  # write-then-rename, loaded with weights_only=True
     )
+    problem = divisor_problem("trainer.expert_parallel", t.expert_parallel,
+                              "the number of ranks, trainer.devices × trainer.num_nodes", trainer.world_size)
+    if problem:  # before any process is launched
+        raise ConfigError(problem)
+    return trainer
 
 
 def _final_metrics(trainer: L.Trainer, module: JetMoeLitModule, wall_time: float) -> dict[str, Any]:
