@@ -176,6 +176,16 @@ def test_resume_continues_to_a_larger_max_steps(tiny_run, tmp_path):
     assert metrics["step"] == 12 and metrics["tokens_seen"] == 12 * 4 * 32
 
 
+def test_resume_with_another_architecture_names_the_key(tiny_run, tmp_path, capsys):
+    run_dir, _ = tiny_run
+    shutil.copytree(run_dir, tmp_path / "runs/tiny")
+    code = main(["train", DEFAULT, *TINY, "model.num_hidden_layers=3", f"run.output_dir={tmp_path}/runs",
+                 "run.name=tiny", f"data.cache_dir={run_dir.parents[1]}/cache", "--resume"])
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err
+    assert "--resume: model.num_hidden_layers is 3, but the run in" in err
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 @pytest.mark.parametrize("overrides", [

@@ -103,3 +103,32 @@ def test_config_json_fields(tiny_config, tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["model_type"] == "jetmoe" and config["architectures"] == ["JetMoeForCausalLM"]
     assert JetMoeConfig.from_dict(config) == tiny_config
+
+
+@pytest.fixture
+def offline_hub(tmp_path, monkeypatch):
+    """An offline Hugging Face cache in `tmp_path`: huggingface_hub's own lookup, no network."""
+    constants = pytest.importorskip("huggingface_hub.constants")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    return tmp_path / "hub"
+
+
+def test_a_hub_name_loads_from_the_hugging_face_cache(tiny_config, offline_hub, tmp_path):
+    """The cache layout `snapshot_download` reads: models--owner--name/{refs/main, snapshots/<commit>/}."""
+    model = JetMoeForCausalLM(tiny_config).eval()
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = offline_hub / "models--someone--tiny-jetmoe"
+    save_pretrained(model, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    loaded = load_pretrained("someone/tiny-jetmoe").eval()
+    ids = torch.randint(0, 128, (1, 7))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, atol=0, rtol=0)
+
+
+def test_a_hub_name_missing_offline_is_one_line(offline_hub):
+    with pytest.raises(UserError, match=r"^someone/absent: not a local directory, and the hub repository could not "
+                                        r"be read \([^\n]*\)$"):
+        load_pretrained("someone/absent")

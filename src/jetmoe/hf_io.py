@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import pickle
+import re
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,8 @@ from jetmoe.model import JetMoeForCausalLM, JetMoePreTrainedModel
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 WEIGHTS_INDEX_NAME, LEGACY_WEIGHTS_NAME = "model.safetensors.index.json", "pytorch_model.bin"
+HUB_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name; anything else is a local path
+HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]  # safetensors only: nothing to unpickle
 
 
 # ----------------------------------------------------------------------------- writing
@@ -65,10 +68,12 @@ def write_checkpoint(
 
 
 def load_pretrained(
-    directory: str | Path, model_class: type[JetMoePreTrainedModel] = JetMoeForCausalLM, **config_overrides: Any
+    name_or_path: str | Path, model_class: type[JetMoePreTrainedModel] = JetMoeForCausalLM, **config_overrides: Any
 ) -> JetMoePreTrainedModel:
-    """A model (default `JetMoeForCausalLM`) from an HF-format directory written here or by transformers (local
-    paths only); `config_overrides` replace config fields (e.g. `kernels="reference"`)."""
+    """A model (default `JetMoeForCausalLM`) from an HF-format directory written here or by transformers, or from a
+    hub repository such as `jetmoe/jetmoe-8b` (`resolve_model_dir`); `config_overrides` replace config fields
+    (e.g. `kernels="reference"`)."""
+    directory = resolve_model_dir(name_or_path)
     config = load_config(directory)
     if config_overrides:
         config = config.replace(**config_overrides)
@@ -77,6 +82,25 @@ def load_pretrained(
         model = model_class(config)
     load_into(model, state_dict, source=directory)
     return model
+
+
+def resolve_model_dir(name_or_path: str | Path) -> Path:
+    """A local directory as it is; otherwise a hub repository id, whose config, weights and tokenizer files are
+    downloaded once into the Hugging Face cache (`huggingface_hub.snapshot_download`: `HF_HOME`, `HF_HUB_OFFLINE`
+    and tokens apply as in `transformers`; offline, the cached snapshot is used)."""
+    path = Path(name_or_path)
+    if path.exists() or not HUB_REPO_ID.fullmatch(str(name_or_path)):
+        return path
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(name_or_path), allow_patterns=HUB_FILES))
+    except (LocalEntryNotFoundError, HfHubHTTPError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise MissingFileError(
+            f"{name_or_path}: not a local directory, and the hub repository could not be read ({reason})"
+        ) from None
 
 
 def load_config(directory: str | Path) -> JetMoeConfig:

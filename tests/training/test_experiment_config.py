@@ -180,5 +180,5 @@ def test_finetune_adopts_the_pretrained_architecture(tmp_path):
 def test_finetune_requires_init_from(tmp_path):
     with pytest.raises(ConfigError, match=r"missing required value 'model.init_from'"):
         load_config(REPO / "experiments/finetune.yaml")
-    with pytest.raises(FileNotFoundError, match=r"model.init_from: .*config.json not found"):
+    with pytest.raises(FileNotFoundError, match=r"model.init_from: .*config.json: missing"):
         load_config(REPO / "experiments/finetune.yaml", [f"model.init_from={tmp_path}"])

@@ -25,7 +25,6 @@ of these raise :class:`ConfigError`, a ``ValueError`` carrying a one-line messag
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 import types
 import typing
@@ -37,10 +36,11 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from jetmoe import hf_io
 from jetmoe.config import PRECISIONS, JetMoeConfig
 from jetmoe.data.config import DataConfig, validate_data_config
 from jetmoe.data.mixture import phase_start_steps
-from jetmoe.errors import ConfigError, MissingFileError, choice_problem, divisor_problem
+from jetmoe.errors import ConfigError, MissingFileError, UserError, choice_problem, divisor_problem
 from jetmoe.eval.config import DownstreamConfig, validate_downstream_config
 
 SCHEDULES = ("wsd", "cosine", "constant")
@@ -234,18 +234,14 @@ def find_configs_dir(experiment: str | Path) -> Path:
 
 
 def _adopt_pretrained_architecture(model: DictConfig) -> None:
-    """Set the architecture fields of ``model`` from ``<init_from>/config.json``."""
-    config_file = Path(model.init_from) / "config.json"
+    """Set the architecture fields of ``model`` from ``init_from`` (a directory or a hub repository, resolved once
+    to its local directory)."""
     try:
-        raw = json.loads(config_file.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MissingFileError(f"model.init_from: {config_file} not found (expected an HF model directory)") from None
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ConfigError(f"model.init_from: {config_file} is not valid JSON: {err}") from None
-    try:
-        pretrained = JetMoeConfig.from_dict(raw)
-    except (TypeError, ValueError) as err:
-        raise ConfigError(f"model.init_from: {config_file}: {err}") from None
+        directory = hf_io.resolve_model_dir(model.init_from)
+        pretrained = hf_io.load_config(directory)
+    except UserError as err:
+        raise type(err)(f"model.init_from: {err}") from None
+    model.init_from = str(directory)
     for f in dataclasses.fields(ModelConfig):
         if f.name not in BUILD_FIELDS + TRAINING_FIELDS:
             model[f.name] = getattr(pretrained, f.name)
