@@ -37,8 +37,10 @@ What is measured (ours = `jetmoe`, theirs = transformers with SDPA attention):
   step's fresh gradients are page-faulted in again), and once more under `jetmoe train`'s policy
   (`jetmoe.training.host_memory`: freed memory is kept), which also gives a row of its own: the bench config's
   fp32 training ratio with both libraries under it (where page faults are expensive, as on a VM, glibc's default
-  costs transformers' fresh per-expert allocations much more than ours). The `gpu` preset scales a 2-layer variant
-  of its model (64 experts in all 12 layers would be ~30B parameters).
+  costs transformers' fresh per-expert allocations much more than ours). Ours also with routing forced uniform
+  (`router_force_uniform`: every expert gets exactly N·k/E rows), reported separately from learned routing, whose
+  rows follow the router of a freshly initialised model. The `gpu` preset scales a 2-layer variant of its model
+  (64 experts in all 12 layers would be ~30B parameters).
 
 A section (or one precision of the training rows) that runs out of device memory is skipped, named under the
 table, and the rest still runs.
@@ -96,9 +98,11 @@ TRAIN_RETAINED_LABEL = ("training tokens/s (fp32, forward + backward), both unde
                         "(fresh processes)")
 
 
-def scaling_config(preset: str, experts: int) -> JetMoeConfig:
-    """The preset with `experts` experts (top-k and expert size fixed), and the preset's `scaling` overrides."""
-    return make_config(preset, num_local_experts=experts, **PRESETS[preset].get("scaling", {}))
+def scaling_config(preset: str, experts: int, forced: bool = False) -> JetMoeConfig:
+    """The preset with `experts` experts (top-k and expert size fixed), and the preset's `scaling` overrides;
+    `forced`: routing forced uniform (`router_force_uniform`)."""
+    return make_config(preset, num_local_experts=experts, router_force_uniform=forced,
+                       **PRESETS[preset].get("scaling", {}))
 
 
 def few_rows_form(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -539,7 +543,7 @@ def throughput_worker(spec: dict[str, Any]) -> dict[str, Any]:
         retain_freed_memory()
     torch.set_num_threads(spec["threads"])
     device = torch.device(spec["device"])
-    config = scaling_config(spec["preset"], spec["experts"])
+    config = scaling_config(spec["preset"], spec["experts"], spec["forced"])
     B, T = PRESETS[spec["preset"]]["batch"], PRESETS[spec["preset"]]["seq"]
     torch.manual_seed(0)
     model = JetMoeForCausalLM(config).to(device).train()
@@ -560,17 +564,19 @@ def bench_scaling(args, device, results) -> None:
         results.skip("train_fp32_retained", TRAIN_RETAINED_LABEL, "--quick")
         for e in SCALING_EXPERTS[1:]:
             results.skip(f"scaling_{e}_experts", f"training tokens/s with {e} experts", "--quick")
+        for e in SCALING_EXPERTS:
+            results.skip(f"scaling_{e}_experts_forced", f"training tokens/s with {e} experts, forced routing", "--quick")
         return
     B, T = PRESETS[args.config]["batch"], PRESETS[args.config]["seq"]
     tokens = B * T
     tps: dict[int, dict[str, Any]] = {}
 
-    def measure(who: str, experts: int, iters: int, warmup: int, retain: bool = False) -> list[float]:
+    def measure(who: str, experts: int, iters: int, warmup: int, retain: bool = False, forced: bool = False):
         policy = "retained" if retain else "default"
-        log(f"scaling: {who}, {experts} experts, {policy} host memory ({warmup} warm-up + {iters} steps, "
-            "fresh process)")
+        log(f"scaling: {who}, {experts} experts, {policy} host memory{', forced routing' if forced else ''} "
+            f"({warmup} warm-up + {iters} steps, fresh process)")
         spec = dict(task="throughput", who=who, experts=experts, preset=args.config, device=str(device),
-                    threads=torch.get_num_threads(), iters=iters, warmup=warmup, retain=retain)
+                    threads=torch.get_num_threads(), iters=iters, warmup=warmup, retain=retain, forced=forced)
         return run_worker([spec])[0]["times"]
 
     for experts in SCALING_EXPERTS:
@@ -582,11 +588,12 @@ def bench_scaling(args, device, results) -> None:
             tps[experts]["ours_times_s"] += measure("ours", experts, max(1, args.iters - 1), 2)
     for experts in SCALING_EXPERTS:
         tps[experts]["ours_retained_times_s"] = measure("ours", experts, max(1, args.iters - 1), 2, retain=True)
+        tps[experts]["ours_forced_times_s"] = measure("ours", experts, max(1, args.iters - 1), 2, forced=True)
     tps[8]["theirs_retained_times_s"] = measure("theirs", 8, max(1, args.iters - 1), 1, retain=True)
     for experts in SCALING_EXPERTS:
         iters, warmup = (1, 0) if experts > 8 else (max(1, args.iters - 1), 1)
         tps[experts]["theirs_times_s"] = measure("theirs", experts, iters, warmup)
-        for who in ("ours", "ours_retained", "theirs", "theirs_retained"):
+        for who in ("ours", "ours_retained", "ours_forced", "theirs", "theirs_retained"):
             if f"{who}_times_s" in tps[experts]:
                 tps[experts][who] = tokens / median(tps[experts][f"{who}_times_s"])
     # The 8-expert steps are the bench config's: its training ratio when both libraries keep freed memory.
@@ -598,6 +605,12 @@ def bench_scaling(args, device, results) -> None:
             f"training tokens/s (forward + backward) with {experts} experts (ratio = ours vs ours with 8 experts)",
             tps[experts]["ours"], tps[experts]["theirs"], "tokens/s", ratio=tps[experts]["ours"] / tps[8]["ours"],
             extra={"theirs_vs_theirs_8": tps[experts]["theirs"] / tps[8]["theirs"], "per_experts": tps},
+        )
+    for experts in SCALING_EXPERTS:
+        results.add(
+            f"scaling_{experts}_experts_forced",
+            f"training tokens/s with {experts} experts, routing forced uniform (ours; ratio = vs learned routing)",
+            tps[experts]["ours_forced"], None, "tokens/s", ratio=tps[experts]["ours_forced"] / tps[experts]["ours"],
         )
     for experts in SCALING_EXPERTS[1:]:
         results.add(

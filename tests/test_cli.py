@@ -252,6 +252,8 @@ ERRORS = [
     (None, ["run.output_dir={tmp}/a_file/runs"], "cannot write the run directory"),
     (None, ["downstream.tasks=[{{name: mine}}]"], "downstream.tasks[0].name: 'mine' is not a built-in task"),
     (None, ["downstream.every_n_steps=-5"], "downstream.every_n_steps must be >= 0"),
+    (None, ["model.upcycle_from={tmp}/nope"],
+     "model.upcycle_from: {tmp}/nope is neither a run directory (with hf/) nor a model directory (with config.json)"),
     (None, ["downstream.tasks=[{{name: mine, path: {tmp}/nope.jsonl}}]"], "'mine': {tmp}/nope.jsonl: file not found"),
     (None, ["downstream.tasks=[{{name: mine, path: {tmp}/bad_json.jsonl}}]"], "bad_json.jsonl:2: not valid JSON"),
     (None, ["downstream.tasks=[{{name: mine, path: {tmp}/bad_label.jsonl}}]"],

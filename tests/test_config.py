@@ -33,6 +33,11 @@ def test_defaults_match_transformers():
         ({"attention_dropout": 1.5}, "attention_dropout must be in [0, 1)"),
         ({"eos_token_id": 10**6}, "eos_token_id must be an integer in [0, vocab_size=32000)"),
         ({"expert_impl": "fast"}, "expert_impl must be one of"),
+        ({"balancing": "loss_free"}, "balancing must be one of aux_global, aux_per_router, bias, none"),
+        ({"bias_update_rate": -1e-3}, "bias_update_rate must be a non-negative number"),
+        ({"capacity_factor": 0}, "capacity_factor must be a positive number or null (dropless)"),
+        ({"capacity_factor": float("inf")}, "capacity_factor must be a positive number"),
+        ({"router_force_uniform": 1}, "router_force_uniform must be true or false"),
     ],
 )
 def test_validation_names_the_field(changes, message):
@@ -58,6 +63,13 @@ def test_dict_round_trip_and_unknown_keys():
         JetMoeConfig.from_dict({"hiden_size": 3})
     with pytest.raises(ValueError, match="model_type must be 'jetmoe'"):
         JetMoeConfig.from_dict({"model_type": "llama"})
+
+
+@pytest.mark.parametrize("per_router, balancing", [(True, "aux_per_router"), (False, "aux_global")])
+def test_config_json_of_earlier_versions_loads(per_router, balancing):
+    old = {k: v for k, v in JetMoeConfig.from_name("test").to_dict().items() if k != "balancing"}
+    assert JetMoeConfig.from_dict({**old, "aux_loss_per_router": per_router}).balancing == balancing
+    assert JetMoeConfig.from_dict({**old, "aux_loss_per_router": True, "balancing": "none"}).balancing == "none"
 
 
 def test_transformers_reads_our_dict():

@@ -132,3 +132,31 @@ def test_a_hub_name_missing_offline_is_one_line(offline_hub):
     with pytest.raises(UserError, match=r"^someone/absent: not a local directory, and the hub repository could not "
                                         r"be read \([^\n]*\)$"):
         load_pretrained("someone/absent")
+
+
+def test_selection_biases_are_exported_with_a_warning(tiny_config, tmp_path, caplog):
+    """balancing=bias: the biases travel in model.safetensors under a key jetmoe reads; transformers loads the
+    directory but routes without them, which the export says in one line."""
+    model = JetMoeForCausalLM(tiny_config.replace(balancing="bias")).eval()
+    for router in model.routers():
+        router.expert_bias.copy_(torch.randn(tiny_config.num_local_experts))
+    with caplog.at_level("WARNING", logger="jetmoe"):
+        save_pretrained(model, tmp_path)
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert "transformers' JetMoe routes this model without its selection biases" in warning and "\n" not in warning
+    again = load_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 128, (2, 9))
+    with torch.no_grad():
+        torch.testing.assert_close(again(ids).logits, model(ids).logits, atol=0, rtol=0)
+        hf, info = transformers.JetMoeForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
+        assert all(key.endswith("router.expert_bias") for key in info["unexpected_keys"]) and info["unexpected_keys"]
+        unbiased = load_pretrained(tmp_path, balancing="aux_global").eval()  # drops the biases, as transformers
+        assert "expert_bias" not in " ".join(unbiased.state_dict())
+        torch.testing.assert_close(hf.eval()(ids).logits, unbiased(ids).logits, atol=1e-5, rtol=0)
+        assert not torch.allclose(unbiased(ids).logits, model(ids).logits, atol=1e-3)
+
+
+def test_a_checkpoint_without_biases_starts_them_at_zero(tiny_config, tmp_path):
+    save_pretrained(JetMoeForCausalLM(tiny_config), tmp_path)
+    model = load_pretrained(tmp_path, balancing="bias")
+    assert all(torch.equal(r.expert_bias, torch.zeros(tiny_config.num_local_experts)) for r in model.routers())

@@ -11,6 +11,7 @@ from jetmoe.errors import ConfigError, check_choice
 
 ACTIVATIONS = ("silu", "gelu", "gelu_pytorch_tanh", "relu")
 KERNELS = ("reference", "fused")  # see jetmoe.model.backends
+BALANCING = ("aux_global", "aux_per_router", "bias", "none")  # see JetMoeConfig
 EXPERT_IMPLS = ("auto", "grouped", "loop")
 PRECISIONS = ("32-true", "bf16-mixed", "bf16-true")  # of a training run (Lightning's names; FSDP2's policies)
 PROBLEM_TYPES = (None, "regression", "single_label_classification", "multi_label_classification")
@@ -32,8 +33,20 @@ class JetMoeConfig:
     library loads in the other. Beyond transformers:
 
     - `router_z_loss_coef`: weight of the router z-loss (0 keeps the numbers transformers-identical);
-    - `aux_loss_per_router`: the JetMoE paper's load balancing, each router on its own (False: transformers' loss
-      over all routers at once);
+    - `balancing`: how the routers are kept balanced; `aux_loss_coef` weighs the auxiliary loss of each method
+      (`jetmoe.losses`):
+        - `aux_global`: transformers' load-balancing loss, f and P averaged over all routers, then multiplied;
+        - `aux_per_router`: the JetMoE paper's, each router's loss on its own, averaged over routers;
+        - `bias`: auxiliary-loss-free balancing (DeepSeek-V3): a per-expert bias, added to the router logits for
+          the choice of experts only (the gates come from the logits), moved by
+          `bias_update_rate · sign(mean load - load)` after every optimizer step; the auxiliary loss beside it is
+          the sequence-wise one (each packed row's own balance; DeepSeek-V3 weighs it 1e-4, 0 turns it off);
+        - `none`: no balancing (the auxiliary loss is 0);
+    - `capacity_factor`: while training, each expert takes at most `ceil(factor · N · k / E)` of a batch's N·k
+      routed rows, first choices first; the rows past it are dropped (their gate is 0: the token keeps its
+      residual). None (default): dropless. Evaluation and generation are always dropless;
+    - `router_force_uniform`: assign experts round robin whatever the logits (throughput measurements with perfect
+      balance, as Megatron's and torchtitan's force-balance modes); the gates still come from the logits;
     - `kernels`: `fused` (default) runs the fast kernels of `jetmoe.kernels`, `reference` the plain-PyTorch
       definitions they are tested against (`jetmoe.model.backends` has the table of what runs where);
     - `expert_impl`: how `fused` multiplies the experts: `grouped` (one grouped GEMM for all experts, no host
@@ -67,7 +80,10 @@ class JetMoeConfig:
     attention_dropout: float = 0.0
     # Beyond transformers.
     router_z_loss_coef: float = 0.0
-    aux_loss_per_router: bool = False
+    balancing: str = "aux_global"
+    bias_update_rate: float = 1e-3
+    capacity_factor: float | None = None
+    router_force_uniform: bool = False
     kernels: str = "fused"
     expert_impl: str = "auto"
     num_labels: int = 2
@@ -123,8 +139,17 @@ class JetMoeConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
                 raise ConfigError(f"{name} must be a non-negative number, got {value!r}")
-        if not isinstance(self.aux_loss_per_router, bool):
-            raise ConfigError(f"aux_loss_per_router must be true or false, got {self.aux_loss_per_router!r}")
+        check_choice("balancing", self.balancing, BALANCING)
+        rate = self.bias_update_rate
+        if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not math.isfinite(rate) or rate < 0:
+            raise ConfigError(f"bias_update_rate must be a non-negative number, got {rate!r}")
+        factor = self.capacity_factor
+        if factor is not None and (
+            isinstance(factor, bool) or not isinstance(factor, (int, float)) or not math.isfinite(factor) or factor <= 0
+        ):
+            raise ConfigError(f"capacity_factor must be a positive number or null (dropless), got {factor!r}")
+        if not isinstance(self.router_force_uniform, bool):
+            raise ConfigError(f"router_force_uniform must be true or false, got {self.router_force_uniform!r}")
         dropout = self.attention_dropout
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
             raise ConfigError(f"attention_dropout must be in [0, 1), got {dropout!r}")
@@ -141,6 +166,12 @@ class JetMoeConfig:
         if self.eos_token_id is None:
             return []
         return list(self.eos_token_id) if isinstance(self.eos_token_id, (list, tuple)) else [self.eos_token_id]
+
+    @property
+    def transformers_routes_alike(self) -> bool:
+        """Whether transformers' JetMoe, which knows none of these options, routes a trained model as jetmoe does
+        (the capacity factor only acts while training)."""
+        return self.balancing != "bias" and not self.router_force_uniform
 
     # ------------------------------------------------------------------ parameter counts
     def num_parameters(self) -> dict[str, int]:
@@ -166,7 +197,7 @@ class JetMoeConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "JetMoeConfig":
         """Build from a dict (ours or a transformers `config.json`); unknown keys raise ConfigError."""
-        d = dict(d)
+        d = upgrade_legacy_keys(d)
         model_type = d.get("model_type", "jetmoe")
         if model_type != "jetmoe":
             raise ConfigError(f"model_type must be 'jetmoe', got {model_type!r}")
@@ -192,6 +223,16 @@ class JetMoeConfig:
         if name not in PRESETS:
             raise ConfigError(f"unknown preset {name!r}; available: {', '.join(sorted(PRESETS))}")
         return cls(**{**PRESETS[name], **overrides})
+
+
+def upgrade_legacy_keys(d: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a config dict with keys of earlier versions renamed: `aux_loss_per_router` (true / false) is
+    `balancing` (`aux_per_router` / `aux_global`)."""
+    d = dict(d)
+    if "aux_loss_per_router" in d:
+        per_router = d.pop("aux_loss_per_router")
+        d.setdefault("balancing", "aux_per_router" if per_router else "aux_global")
+    return d
 
 
 PRESETS: dict[str, dict[str, Any]] = {

@@ -10,6 +10,7 @@ unpickles arbitrary objects: weights come from safetensors, or `torch.load(weigh
 from __future__ import annotations
 
 import json
+import logging
 import pickle
 import re
 from pathlib import Path
@@ -30,6 +31,9 @@ CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
 WEIGHTS_INDEX_NAME, LEGACY_WEIGHTS_NAME = "model.safetensors.index.json", "pytorch_model.bin"
 HUB_REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")  # owner/name; anything else is a local path
 HUB_FILES = ["*.json", "*.safetensors", "tokenizer.model", "*.txt"]  # safetensors only: nothing to unpickle
+SELECTION_BIAS_KEY = ".router.expert_bias"  # balancing="bias": a router buffer transformers does not know
+
+log = logging.getLogger("jetmoe")
 
 
 # ----------------------------------------------------------------------------- writing
@@ -53,6 +57,9 @@ def write_checkpoint(
 ) -> Path:
     """`save_pretrained` from a state dict (e.g. one gathered from shards) instead of a model."""
     directory = Path(directory)
+    if not config.transformers_routes_alike:
+        log.warning("%s: transformers' JetMoe routes this model without its %s; jetmoe.load_pretrained reproduces it",
+                    directory, "forced uniform assignment" if config.router_force_uniform else "selection biases")
     directory.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in state_dict.items()}
     if config.tie_word_embeddings:
@@ -156,11 +163,24 @@ def _match_prefix(state_dict: dict[str, torch.Tensor], expected: set[str]) -> di
     return {f"model.{k}": v for k, v in state_dict.items()}
 
 
+def with_selection_biases(
+    state_dict: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The routers' selection biases are optional in a checkpoint: a model that keeps none drops them (e.g. a
+    fine-tune with another `balancing`), one that keeps them starts the missing ones at 0 (a checkpoint written
+    by transformers, or trained with another method)."""
+    out = {k: v for k, v in state_dict.items() if k in expected or not k.endswith(SELECTION_BIAS_KEY)}
+    for key, tensor in expected.items():
+        if key.endswith(SELECTION_BIAS_KEY) and key not in out:
+            out[key] = torch.zeros(tensor.shape, dtype=tensor.dtype)
+    return out
+
+
 def load_into(model: nn.Module, state_dict: dict[str, torch.Tensor], source: str | Path = "checkpoint") -> None:
     """Load weights into `model` (which may live on the meta device); mismatches raise one InputFileError listing the
     missing, unexpected and wrongly shaped keys."""
     expected = model.state_dict()
-    state_dict = _match_prefix(state_dict, set(expected))
+    state_dict = with_selection_biases(_match_prefix(state_dict, set(expected)), expected)
     tied = getattr(model.config, "tie_word_embeddings", False)
     missing = sorted(k for k in expected if k not in state_dict and not (tied and k == "lm_head.weight"))
     unexpected = sorted(k for k in state_dict if k not in expected)

@@ -42,7 +42,8 @@ def load_balancing_loss(tokens_RE: torch.Tensor, probs_RE: torch.Tensor, per_rou
 
 
 def load_balancing_per_router(tokens_RE: torch.Tensor, probs_RE: torch.Tensor) -> torch.Tensor:
-    """`[R]`: each router's own `E · Σ_e f_e · P_e` (see `load_balancing_loss`)."""
+    """`[R]`: each router's own `E · Σ_e f_e · P_e` (see `load_balancing_loss`); any leading shape works, e.g.
+    `[R, B, E]` shares of each sequence for DeepSeek-V3's sequence-wise loss (`JetMoeConfig.balancing="bias"`)."""
     return tokens_RE.shape[-1] * (tokens_RE * probs_RE).sum(-1)
 
 

@@ -35,6 +35,7 @@ def test_bench_quick_tiny_writes_all_rows(tmp_path):
     assert rows["train_fp32_compiled"]["skipped"] == rows["train_bf16_compiled"]["skipped"] == "--quick"
     assert rows["decode_b8_static_compiled"]["skipped"] == "--quick"
     assert rows["train_fp32_retained"]["skipped"] == rows["scaling_32_experts"]["skipped"] == "--quick"
+    assert rows["scaling_64_experts_forced"]["skipped"] == "--quick"
     assert result["gemm_peak"]["float32"]["flops_per_s"] > 0
     for batch in (1, 8):  # the decode bound in both BLAS forms
         share = rows[f"decode_b{batch}_chain_share"]

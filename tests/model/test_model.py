@@ -122,13 +122,33 @@ def _balancing_from_logits(router_logits, k):
 
 def test_per_router_aux_loss_option(tiny_config):
     torch.manual_seed(0)
-    model = JetMoeForCausalLM(tiny_config.replace(aux_loss_per_router=True)).train()
+    model = JetMoeForCausalLM(tiny_config.replace(balancing="aux_per_router")).train()
     ids = torch.randint(0, 128, (2, 8))
     out = model(ids, labels=ids, output_router_logits=True)
     f, P = _balancing_from_logits(out.router_logits, tiny_config.num_experts_per_tok)
     E = tiny_config.num_local_experts
     torch.testing.assert_close(out.aux_loss, (E * (f * P).sum(-1)).mean())
     assert not torch.allclose(out.aux_loss, E * (f.mean(0) * P.mean(0)).sum())  # the HF definition differs
+
+
+def test_bias_balancing_aux_loss_is_sequence_wise(tiny_config):
+    torch.manual_seed(0)
+    model = JetMoeForCausalLM(tiny_config.replace(balancing="bias")).train()
+    ids = torch.randint(0, 128, (3, 8))
+    out = model(ids, labels=ids, output_router_logits=True)
+    k, E = tiny_config.num_experts_per_tok, tiny_config.num_local_experts
+    per_row = [_balancing_from_logits([r.view(3, 8, E)[b] for r in out.router_logits], k) for b in range(3)]
+    expected = torch.stack([(E * (f * P).sum(-1)).mean() for f, P in per_row]).mean()  # rows, then routers
+    torch.testing.assert_close(out.aux_loss, expected)
+    torch.testing.assert_close(out.loss, out.ce_loss + 0.01 * out.aux_loss)  # aux_loss_coef weighs it
+
+
+def test_no_balancing_has_no_aux_loss(tiny_config):
+    model = JetMoeForCausalLM(tiny_config.replace(balancing="none", router_z_loss_coef=0.1)).train()
+    ids = torch.randint(0, 128, (2, 8))
+    out = model(ids, labels=ids)
+    assert out.aux_loss == 0 and out.z_loss > 0
+    torch.testing.assert_close(out.loss, out.ce_loss + 0.1 * out.z_loss)
 
 
 def test_output_object_access(tiny_config):

@@ -47,3 +47,61 @@ def test_detach_keeps_what_was_computed():
     assert routing.logits_NE.requires_grad and not detached.logits_NE.requires_grad
     assert "probs_NE" in detached.__dict__ and not detached.probs_NE.requires_grad
     assert torch.equal(detached.counts_E, routing.counts_E)  # computed afterwards, from the detached tensors
+
+
+def test_selection_bias_picks_the_experts_but_not_the_gates():
+    router = TopKRouter(16, 4, 2, selection_bias=True)
+    x = torch.randn(9, 16)
+    unbiased = router(x)
+    router.expert_bias.copy_(torch.tensor([0.0, 0.0, 0.0, 100.0]))  # expert 3 wins every token's first choice
+    routing = router(x)
+    assert torch.all(routing.experts_Nk[:, 0] == 3)
+    torch.testing.assert_close(routing.logits_NE, unbiased.logits_NE)  # the statistics see the logits as they are
+    torch.testing.assert_close(routing.gates_Nk, routing.logits_NE.gather(-1, routing.experts_Nk).softmax(-1))
+
+
+def test_update_bias_moves_towards_the_mean_load():
+    router = TopKRouter(8, 4, 2, selection_bias=True)
+    router.update_bias(torch.tensor([10, 2, 4, 4]), rate=0.5)
+    torch.testing.assert_close(router.expert_bias, torch.tensor([-0.5, 0.5, 0.5, 0.5]))
+    router.update_bias(torch.tensor([5, 5, 5, 5]), rate=0.5)  # balanced: sign(0) = 0, nothing moves
+    torch.testing.assert_close(router.expert_bias, torch.tensor([-0.5, 0.5, 0.5, 0.5]))
+    assert TopKRouter(8, 4, 2).expert_bias is None and "expert_bias" not in TopKRouter(8, 4, 2).state_dict()
+
+
+def test_capacity_drops_rows_past_each_expert_first_choices_first():
+    router = TopKRouter(16, 4, 2, capacity_factor=0.5).train()
+    router.layer.weight.data.zero_()
+    router.layer.weight.data[0, 0] = router.layer.weight.data[1, 1] = 1.0  # logit of expert 0 = x0, of 1 = x1
+    x = torch.zeros(8, 16)
+    x[:, :2] = torch.tensor([[2.0, 1.0], [1.0, 2.0]]).repeat(4, 1)  # even tokens prefer 0 then 1, odd ones 1 then 0
+    routing = router(x)
+    capacity = 2  # ceil(0.5 * 8 tokens * 2 / 4 experts)
+    for e in range(4):
+        assert routing.kept_Nk[routing.experts_Nk == e].sum() <= capacity
+    first_kept = routing.kept_Nk[:, 0]
+    assert first_kept.sum() == 4 and not routing.kept_Nk[:, 1].any()  # the first choices fill both experts
+    assert torch.equal(first_kept.nonzero().flatten(), torch.tensor([0, 1, 2, 3]))  # in token order
+    assert torch.all(routing.gates_Nk[~routing.kept_Nk] == 0)
+    torch.testing.assert_close(routing.dropped_share, torch.tensor(0.75))
+    assert router.eval()(x).kept_Nk is None  # evaluation is dropless
+
+
+def test_within_capacity_matches_a_loop():
+    from jetmoe.model.routing import within_capacity
+
+    experts_Nk = torch.stack([torch.randperm(6)[:3] for _ in range(40)])
+    kept = within_capacity(experts_Nk, 6, 15)
+    seen = [0] * 6
+    for j in range(3):
+        for n in range(40):
+            e = int(experts_Nk[n, j])
+            assert bool(kept[n, j]) == (seen[e] < 15)
+            seen[e] += 1
+
+
+def test_forced_uniform_routing_balances_every_expert_exactly():
+    routing = TopKRouter(16, 4, 2, force_uniform=True)(torch.randn(10, 16))
+    assert torch.equal(routing.counts_E, torch.full((4,), 5))
+    assert torch.all(routing.experts_Nk[:, 0] != routing.experts_Nk[:, 1])  # k distinct experts per token
+    torch.testing.assert_close(routing.gates_Nk, routing.logits_NE.gather(-1, routing.experts_Nk).softmax(-1))

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from jetmoe.errors import MissingFileError
 from jetmoe.training.config import (
     ConfigError,
     ExperimentConfig,
@@ -140,7 +141,10 @@ BASE = "defaults:\n  - model: tiny\n  - trainer: cpu\n"
         ("just a sentence\n", [], r"exp.yaml: expected a mapping of config keys, got a str"),
         ("model: [\n", [], r"exp.yaml: invalid YAML \(line 2\)"),
         (BASE + "model:\n  init_from: ???\n", [], r"missing required value 'model.init_from'"),
-        (BASE, ["model.aux_loss_per_router=2"], r"command line: 'model.aux_loss_per_router' expects bool, got 2"),
+        (BASE, ["model.router_force_uniform=2"], r"command line: 'model.router_force_uniform' expects bool, got 2"),
+        (BASE, ["model.balancing=aux"], r"^model.balancing must be one of aux_global, aux_per_router, bias, none, got 'aux'$"),
+        (BASE, ["model.capacity_factor=0"], r"^model.capacity_factor must be a positive number or null \(dropless\), got 0"),
+        (BASE, ["model.bias_update_rate=-0.1"], r"^model.bias_update_rate must be a non-negative number, got -0.1$"),
         (BASE + "run:\n  expert_metrics: 0\n", [], r"exp.yaml: 'run.expert_metrics' expects bool, got 0"),
     ],
 )
@@ -182,3 +186,69 @@ def test_finetune_requires_init_from(tmp_path):
         load_config(REPO / "experiments/finetune.yaml")
     with pytest.raises(FileNotFoundError, match=r"model.init_from: .*config.json: missing"):
         load_config(REPO / "experiments/finetune.yaml", [f"model.init_from={tmp_path}"])
+
+
+@pytest.fixture
+def dense_run(tmp_path):
+    """Write a run directory whose hf/config.json is a dense model (one expert) shaped like configs/model/tiny.yaml,
+    with `changes`; returns the run directory."""
+    from jetmoe.config import JetMoeConfig
+
+    def write(**changes) -> Path:
+        fields = {"vocab_size": 512, "pad_token_id": 0, "num_local_experts": 1, "num_experts_per_tok": 1, **changes}
+        (tmp_path / "dense/hf").mkdir(parents=True, exist_ok=True)
+        (tmp_path / "dense/hf/config.json").write_text(json.dumps(JetMoeConfig.from_name("test", **fields).to_dict()))
+        return tmp_path / "dense"
+
+    return write
+
+
+def test_upcycle_from_a_run_directory_means_its_hf_export(experiment, dense_run):
+    run = dense_run()
+    body = BASE + "data:\n  tokenizer_path: ${model.upcycle_from}/tokenizer.json\n"
+    cfg = load_config(experiment(body), [f"model.upcycle_from={run}", "model.upcycle_noise=0.01"])
+    assert cfg.model.upcycle_from == str(run / "hf") and cfg.model.upcycle_noise == 0.01
+    assert cfg.data.tokenizer_path == f"{run}/hf/tokenizer.json"  # the dense model's tokenizer
+    assert (cfg.model.num_local_experts, cfg.model.num_experts_per_tok) == (4, 2)  # the experiment's, not the source's
+    assert load_config(experiment(BASE), [f"model.upcycle_from={run}/hf"]).model.upcycle_from == str(run / "hf")
+
+
+@pytest.mark.parametrize(
+    ("dense", "overrides", "error", "message"),
+    [
+        ({}, ["model.upcycle_noise=-0.1"], ConfigError,
+         r"^model.upcycle_noise must be >= 0 \(0: exact copies\), got -0.1$"),
+        ({}, ["model.init_from={run}/hf"], ConfigError, r"^model.upcycle_from and model.init_from exclude each other"),
+        ({}, ["trainer.strategy=fsdp"], ConfigError,
+         r"^model.upcycle_from is not supported with trainer.strategy=fsdp yet$"),
+        ({}, ["model.upcycle_from={run}/nope"], MissingFileError,
+         r"^model.upcycle_from: .*/dense/nope is neither a run directory \(with hf/\) nor a model directory"),
+        ({"num_local_experts": 8, "num_experts_per_tok": 2}, [], ConfigError,
+         r"^model.upcycle_from: .*/dense/hf is an MoE model \(num_local_experts=8\); upcycling starts from a dense "
+         r"model \(num_local_experts=1\)$"),
+        ({"hidden_size": 32}, [], ConfigError,
+         r"^model.upcycle_from: .*/dense/hf has hidden_size=32, but the upcycled model has hidden_size=64$"),
+        ({"vocab_size": 300}, [], ConfigError, r"^model.upcycle_from: .* has vocab_size=300, but .* vocab_size=512$"),
+        ({"num_hidden_layers": 3}, [], ConfigError,
+         r"^model.upcycle_from: .* has num_hidden_layers=3, but .* num_hidden_layers=2$"),
+        ({"num_key_value_heads": 4}, [], ConfigError,
+         r"^model.upcycle_from: .* has num_key_value_heads=4, but .* num_key_value_heads=2$"),
+        ({"kv_channels": 8}, [], ConfigError, r"^model.upcycle_from: .* has kv_channels=8, but .* kv_channels=16$"),
+        ({"intermediate_size": 128}, [], ConfigError,
+         r"^model.upcycle_from: .* has intermediate_size=128, but .* intermediate_size=64$"),
+        ({"tie_word_embeddings": False}, [], ConfigError,
+         r"^model.upcycle_from: .* has tie_word_embeddings=False, but .* tie_word_embeddings=True$"),
+    ],
+)
+def test_upcycle_errors_are_one_line_naming_the_key(experiment, dense_run, dense, overrides, error, message):
+    run = dense_run(**dense)
+    with pytest.raises(error, match=message) as info:
+        load_config(experiment(BASE), [f"model.upcycle_from={run}", *(o.format(run=run) for o in overrides)])
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("value, balancing", [("true", "aux_per_router"), ("false", "aux_global")])
+def test_the_replaced_aux_loss_per_router_key_still_works(experiment, value, balancing):
+    assert load_config(experiment(BASE), [f"model.aux_loss_per_router={value}"]).model.balancing == balancing
+    body = BASE + f"model:\n  aux_loss_per_router: {value}\n"
+    assert load_config(experiment(body)).model.balancing == balancing

@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from jetmoe.training.expert_callback import (
     ExpertUtilizationCallback,
+    bias_metrics,
     expert_histogram,
     format_report,
     imbalance_image,
@@ -187,8 +188,17 @@ def test_scalar_metrics_names():
     metric = RouterUtilization(2 * NUM_LAYERS, NUM_EXPERTS, TOP_K)
     metric.update(routes([torch.randn(10, NUM_EXPERTS) for _ in range(2 * NUM_LAYERS)], TOP_K))
     scalars = scalar_metrics("experts", metric.compute())
-    assert len(scalars) == 5 * 2 * NUM_LAYERS + 4 * 2
+    assert len(scalars) == 7 * 2 * NUM_LAYERS + 4 * 2
     assert all(value.ndim == 0 for value in scalars.values())
+    assert {"experts/moe/layer_0/balance_loss", "experts/moa/layer_1/dropped_share"} <= set(scalars)
+
+
+def test_bias_metrics_log_every_bias_and_the_spread_per_kind():
+    biases_RE = torch.arange(2 * NUM_LAYERS * NUM_EXPERTS, dtype=torch.float32).view(2 * NUM_LAYERS, NUM_EXPERTS)
+    scalars = bias_metrics("experts", biases_RE)
+    assert len(scalars) == 2 * NUM_LAYERS * NUM_EXPERTS + 2
+    assert scalars["experts/moe/layer_0/bias/expert_2"] == biases_RE[1, 2]
+    assert scalars["experts/moa/mean_bias_spread"] == NUM_EXPERTS - 1
 
 
 def test_heatmap_histogram_and_bar_helpers():

@@ -211,3 +211,19 @@ def test_two_process_reduction_equals_single_process():
     # shared memory, so this also checks that updates never write into them in place.
     mp.spawn(_distributed_worker, args=(2, _free_port(), make_metric(num_routers=4)), nprocs=2, join=True)
 
+
+
+def test_dropped_share_counts_the_rows_dropped_for_capacity():
+    from jetmoe.model.routing import TopKRouter
+
+    torch.manual_seed(0)
+    routers = [TopKRouter(8, E, K, capacity_factor=cf).train() for cf in (0.5, None)]
+    x_ND = torch.randn(40, 8)
+    routings = [router(x_ND) for router in routers]
+    mask = torch.arange(40) < 30  # the last 10 tokens are padding
+    metric = make_metric()
+    metric.update(routings, mask)
+    stats = metric.compute()
+    dropped_capacity = (~routings[0].kept_Nk[:30]).sum() / (30 * K)
+    torch.testing.assert_close(stats["dropped_share"], torch.stack([dropped_capacity, torch.tensor(0.0)]))
+    assert stats["dropped_share"][0] > 0.3  # capacity 0.5: at least half the rows cannot be kept

@@ -96,3 +96,58 @@ def test_checkpoint_restores_config_and_tokens_seen(tmp_path):
     assert restored.cfg == cfg
     assert restored.tokens_seen == module.tokens_seen == 2 * 4 * 16
     torch.testing.assert_close(restored.model.state_dict(), module.model.state_dict())
+
+
+def test_an_upcycled_run_starts_where_its_dense_run_stopped(tmp_path):
+    """A dense run (one expert), then an E=4, k=2 run upcycled from its directory: the first training loss is near
+    the dense run's last, not the ~log V of a fresh model; at a negligible lr its validation loss is the dense one
+    (the same validation windows: the invariant of `jetmoe.model.upcycle` through export, load and upcycling)."""
+    from jetmoe.training.run import train
+
+    common = [
+        "model=tiny", "data.seq_len=32", "data.batch_size=8", "data.max_chars=50000",
+        f"data.cache_dir={tmp_path}/cache", "optim.schedule=constant", "optim.warmup_steps=0", "trainer.val_check_interval=100",
+        "trainer.limit_val_batches=2", "trainer.log_every_n_steps=1", "run.expert_metrics=false",
+        "run.sample_tokens=0", f"run.output_dir={tmp_path}/runs",
+    ]
+    dense = train(load_config(REPO / "experiments/default.yaml", [
+        *common, "run.name=dense", "trainer.max_steps=30", "optim.lr=1e-2", "model.num_local_experts=1",
+        "model.num_experts_per_tok=1",
+    ]))["metrics"]
+    upcycled = train(load_config(REPO / "experiments/default.yaml", [
+        *common, "run.name=upcycled", "trainer.max_steps=1", "optim.lr=1e-9",
+        f"model.upcycle_from={tmp_path}/runs/dense",
+    ]))["metrics"]
+    fresh_loss = math.log(512)
+    assert dense["train_loss"] < fresh_loss - 0.5  # the dense run learned something to start from
+    assert abs(upcycled["train_loss"] - dense["train_loss"]) < 0.25 * (fresh_loss - dense["train_loss"])
+    assert upcycled["val_loss"] == pytest.approx(dense["val_loss"], abs=1e-4)
+
+
+def test_bias_balancing_moves_the_biases_by_each_optimizer_steps_load():
+    """balancing=bias: after every optimizer step (two micro-batches here), each router's biases move by
+    rate · sign(mean load − load) of the rows routed in that step's micro-batches; the loss is sequence-wise."""
+    rate = 0.01
+    module = JetMoeLitModule(_cfg("model.balancing=bias", f"model.bias_update_rate={rate}",
+                                  "trainer.accumulate_grad_batches=2"))
+    biases = []
+
+    class BiasRecorder(Recorder):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+            biases.append(torch.stack([r.expert_bias.clone() for r in pl_module.model.routers()]))
+
+    recorder = BiasRecorder()
+    trainer = L.Trainer(accelerator="cpu", devices=1, max_steps=3, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, enable_model_summary=False, callbacks=[recorder],
+                        accumulate_grad_batches=2)
+    trainer.fit(module, train_dataloaders=DataLoader([_batch() for _ in range(6)], batch_size=None))
+    previous = torch.zeros_like(biases[0])
+    for step in range(3):
+        first, second = (recorder.outputs[2 * step + i]["routings"] for i in range(2))
+        load_RE = torch.stack([a.counts_E + b.counts_E for a, b in zip(first, second)]).float()
+        expected = previous + rate * torch.sign(load_RE.mean(-1, keepdim=True) - load_RE)
+        assert torch.equal(biases[2 * step], previous)  # not moved after the first micro-batch
+        torch.testing.assert_close(biases[2 * step + 1], expected)
+        previous = expected
+    assert previous.abs().sum() > 0

@@ -191,8 +191,8 @@ def test_plot_draws_one_line_per_top_k_and_variant():
         {**row, "name": "e4_k2", "num_local_experts": 4, "overrides": "model.num_local_experts=4"},
         {**row, "name": "e8_k2", "num_local_experts": 8, "overrides": "model.num_local_experts=8"},
         {**row, "name": "e8_k2_global", "num_local_experts": 8,
-         "overrides": "model.num_local_experts=8 model.aux_loss_per_router=false model.intermediate_size=256"},
+         "overrides": "model.num_local_experts=8 model.balancing=aux_global model.intermediate_size=256"},
     ]
     experts_ax = plot_results(rows).axes[0]
     lines = {line.get_label(): list(line.get_xdata()) for line in experts_ax.get_lines() if line.get_marker() == "o"}
-    assert lines == {"MoA+MoE top-2": [4, 8], "MoA+MoE top-2, aux_loss_per_router=false": [8]}
+    assert lines == {"MoA+MoE top-2": [4, 8], "MoA+MoE top-2, balancing=aux_global": [8]}

@@ -88,10 +88,11 @@ def _architecture(model: nn.Module) -> str:
 def load_hf_weights(model: JetMoeForCausalLM, directory: str | Path) -> None:
     """Collective: load an HF-format checkpoint (e.g. `trainer.init_from`) into a materialised sharded model.
     Rank 0 reads the file and broadcasts each tensor; every rank keeps its shard."""
-    expected = set(get_model_state_dict(model))
+    expected_state = get_model_state_dict(model)
+    expected = set(expected_state)
     state_dict, error = {}, None
     if _rank() == 0:
-        state_dict = hf_io.load_state_dict(directory)
+        state_dict = hf_io.with_selection_biases(hf_io.load_state_dict(directory), expected_state)
         if model.config.tie_word_embeddings and EMBED_KEY in state_dict:
             state_dict[HEAD_KEY] = state_dict[EMBED_KEY]
         missing, unexpected = sorted(expected - state_dict.keys()), sorted(state_dict.keys() - expected)

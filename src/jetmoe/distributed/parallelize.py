@@ -116,6 +116,7 @@ def materialize(model: JetMoePreTrainedModel, device: torch.device | str) -> Non
     model.to_empty(device=device)
     model.tie_weights()
     init_weights(model)
+    model.reset_buffers()
 
 
 

@@ -33,7 +33,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from jetmoe.config import JetMoeConfig
-from jetmoe.losses import causal_lm_cross_entropy, load_balancing_loss, router_z_loss
+from jetmoe.losses import causal_lm_cross_entropy, load_balancing_loss, load_balancing_per_router, router_z_loss
 from jetmoe.model.backends import select_ops
 from jetmoe.model.cache import DynamicKVCache, KVCache, StaticKVCache
 from jetmoe.model.generation import generate
@@ -87,6 +87,15 @@ class RotaryEmbedding(nn.Module):
 # ----------------------------------------------------------------------------- experts
 
 
+def make_router(config: JetMoeConfig) -> TopKRouter:
+    """A MoA or MoE router with the config's routing options."""
+    return TopKRouter(
+        config.hidden_size, config.num_local_experts, config.num_experts_per_tok,
+        selection_bias=config.balancing == "bias", capacity_factor=config.capacity_factor,
+        force_uniform=config.router_force_uniform,
+    )
+
+
 class ParallelExperts(nn.Module):
     """E linear maps stored as one `[E, out, in]` weight (the transformers / ScatterMoE layout)."""
 
@@ -106,7 +115,7 @@ class MixtureOfExperts(nn.Module):
         super().__init__()
         D, F_, E, std = config.hidden_size, config.intermediate_size, config.num_local_experts, config.initializer_range
         self.activation = ACTIVATIONS[config.activation_function]
-        self.router = TopKRouter(D, E, config.num_experts_per_tok)
+        self.router = make_router(config)
         self.input_linear = ParallelExperts(E, D, 2 * F_, std)  # [E, 2F, D]: gate | up
         self.output_linear = ParallelExperts(E, F_, D, std)  # [E, D, F]
         self.bias = nn.Parameter(torch.empty(D))
@@ -134,7 +143,7 @@ class MixtureOfAttentionHeads(nn.Module):
         D, E, std = config.hidden_size, config.num_local_experts, config.initializer_range
         self.num_heads, self.head_dim = config.num_key_value_heads, config.kv_channels
         A = self.num_heads * self.head_dim
-        self.router = TopKRouter(D, E, config.num_experts_per_tok)
+        self.router = make_router(config)
         self.input_linear = ParallelExperts(E, D, A, std)  # [E, A, D]: queries
         self.output_linear = ParallelExperts(E, A, D, std)  # [E, D, A]: outputs
         self.bias = nn.Parameter(torch.empty(D))
@@ -288,6 +297,18 @@ class JetMoePreTrainedModel(nn.Module):
             if params and not all(p in done for p in params):
                 done.update(params)
                 init_module_weights(module, self.config.initializer_range)
+        self.reset_buffers()
+
+    def reset_buffers(self) -> None:
+        """Zero the routers' selection biases: buffers draw nothing from the RNG, and after `to_empty()` (a
+        meta-built model) they hold whatever memory they were given."""
+        for router in self.routers():
+            router.reset_buffers()
+
+    def routers(self) -> list[TopKRouter]:
+        """Every router, in the order of the model's routings (layer 0 MoA, layer 0 MoE, layer 1 MoA, ...)."""
+        return [router for layer in self.base_model.layers
+                for router in (layer.self_attention.experts.router, layer.mlp.router)]
 
     def num_parameters(self, only_trainable: bool = False) -> int:
         seen = {id(p): p for p in self.parameters() if p.requires_grad or not only_trainable}
@@ -418,15 +439,24 @@ class JetMoeModel(JetMoePreTrainedModel):
 
 
 def router_losses(
-    routings: tuple[Routing, ...], weight_N: torch.Tensor | None, per_router: bool
+    routings: tuple[Routing, ...], weight_N: torch.Tensor | None, balancing: str, batch_size: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The load-balancing loss and the z-loss of all routers; tokens of `weight_N` 0 (padding) left out."""
-    sums = [routing.expert_sums(weight_N) for routing in routings]
-    tokens = routings[0].experts_Nk.shape[0] if weight_N is None else weight_N.sum()
-    tokens_RE = torch.stack([assigned_E for assigned_E, _ in sums]) / tokens
-    probs_RE = torch.stack([prob_E for _, prob_E in sums]) / tokens
+    """The balancing method's auxiliary loss (`JetMoeConfig.balancing`) and the z-loss of all routers; tokens of
+    `weight_N` 0 (padding) left out. The bias method's is sequence-wise: each of the `batch_size` rows on its own."""
     logits_RNE = torch.stack([routing.logits_NE for routing in routings])
-    return load_balancing_loss(tokens_RE, probs_RE, per_router), router_z_loss(logits_RNE, weight_N)
+    z_loss = router_z_loss(logits_RNE, weight_N)
+    if balancing == "none":
+        return torch.zeros_like(z_loss), z_loss
+    groups = batch_size if balancing == "bias" else 1
+    if weight_N is None:
+        weight_N = torch.ones(logits_RNE.shape[1], dtype=torch.float32, device=logits_RNE.device)
+    sums = [routing.expert_sums(weight_N, groups) for routing in routings]
+    tokens_x1 = weight_N.view(groups, -1).sum(-1, keepdim=True).clamp_min(1).squeeze(0)  # [G, 1], or [1]
+    tokens_RxE = torch.stack([assigned for assigned, _ in sums]) / tokens_x1
+    probs_RxE = torch.stack([probs for _, probs in sums]) / tokens_x1
+    if balancing == "bias":
+        return load_balancing_per_router(tokens_RxE, probs_RxE).mean(), z_loss
+    return load_balancing_loss(tokens_RxE, probs_RxE, per_router=balancing == "aux_per_router"), z_loss
 
 
 class JetMoeForCausalLM(JetMoePreTrainedModel):
@@ -484,8 +514,8 @@ class JetMoeForCausalLM(JetMoePreTrainedModel):
 
         aux_loss = z_loss = None
         if self.training or output_router_logits:
-            aux_loss, z_loss = router_losses(out.routings, _padding_weights(attention_mask, out.routings),
-                                             self.config.aux_loss_per_router)
+            weight_N = _padding_weights(attention_mask, out.routings)
+            aux_loss, z_loss = router_losses(out.routings, weight_N, self.config.balancing, h_BTD.shape[0])
         loss = ce_loss = None
         if labels is not None:
             if logits_BTV is None:

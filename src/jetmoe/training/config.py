@@ -37,11 +37,12 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from jetmoe import hf_io
-from jetmoe.config import PRECISIONS, JetMoeConfig
+from jetmoe.config import PRECISIONS, JetMoeConfig, upgrade_legacy_keys
 from jetmoe.data.config import DataConfig, validate_data_config
 from jetmoe.data.mixture import phase_start_steps
 from jetmoe.errors import ConfigError, MissingFileError, UserError, choice_problem, divisor_problem
 from jetmoe.eval.config import DownstreamConfig, validate_downstream_config
+from jetmoe.model.upcycle import check_upcycle_source
 
 SCHEDULES = ("wsd", "cosine", "constant")
 STRATEGIES = ("auto", "ddp", "fsdp")
@@ -49,6 +50,7 @@ ON_NONFINITE = ("stop", "skip")
 CLI_SOURCE = "command line"
 MISSING_VALUE = "???"  # omegaconf's marker for a required value
 RUN_CONFIG = "config.yaml"  # the resolved config a run directory holds
+HF_EXPORT = "hf"  # the HF-format export of a run directory
 
 
 #: JetMoeConfig fields an experiment does not set: inference switches, classification heads, the HF v5 spelling
@@ -76,6 +78,8 @@ def _model_config_class() -> type:
     ]
     build = [
         ("init_from", Optional[str], field(default=None)),  # HF-format directory to fine-tune from
+        ("upcycle_from", Optional[str], field(default=None)),  # dense run or HF directory to upcycle into the MoE
+        ("upcycle_noise", float, field(default=0.0)),  # std of each expert copy's noise, in std(dense weight)
         ("gradient_checkpointing", bool, field(default=False)),
     ]
     cls = dataclasses.make_dataclass("ModelConfig", arch + build)
@@ -92,10 +96,11 @@ ModelConfig = _model_config_class()
 
 
 #: ModelConfig fields that are not JetMoeConfig fields.
-BUILD_FIELDS = ("init_from", "gradient_checkpointing")
+BUILD_FIELDS = ("init_from", "upcycle_from", "upcycle_noise", "gradient_checkpointing")
 #: JetMoeConfig fields a fine-tune may change; the others are fixed by the pretrained weights.
 TRAINING_FIELDS = (
-    "aux_loss_coef", "router_z_loss_coef", "aux_loss_per_router", "attention_dropout", "kernels", "expert_impl"
+    "aux_loss_coef", "router_z_loss_coef", "balancing", "bias_update_rate", "capacity_factor", "router_force_uniform",
+    "attention_dropout", "kernels", "expert_impl",
 )
 
 
@@ -200,7 +205,14 @@ def load_config(path: str | Path, overrides: Sequence[str] = ()) -> ExperimentCo
     merged = _merge(merged, cli, CLI_SOURCE)
     if not OmegaConf.is_missing(merged.model, "init_from") and merged.model.init_from is not None:
         _adopt_pretrained_architecture(merged.model)
-    return _finalize(merged)
+    dense = _read_upcycle_source(merged.model)
+    cfg = _finalize(merged)
+    if dense is not None:
+        try:
+            check_upcycle_source(dense, build_model_config(cfg.model), source=cfg.model.upcycle_from)
+        except ConfigError as err:
+            raise ConfigError(f"model.upcycle_from: {err}") from None
+    return cfg
 
 
 def from_dict(raw: dict[str, Any], source: str = "checkpoint") -> ExperimentConfig:
@@ -245,6 +257,32 @@ def _adopt_pretrained_architecture(model: DictConfig) -> None:
     for f in dataclasses.fields(ModelConfig):
         if f.name not in BUILD_FIELDS + TRAINING_FIELDS:
             model[f.name] = getattr(pretrained, f.name)
+
+
+def _read_upcycle_source(model: DictConfig) -> Optional[JetMoeConfig]:
+    """The config of the dense model ``upcycle_from`` names (a run directory or an HF directory), None without one.
+    ``upcycle_from`` becomes that HF directory, as ``init_from`` does, before interpolations are resolved (so that
+    ``${model.upcycle_from}/tokenizer.json`` is the dense model's tokenizer)."""
+    if OmegaConf.is_missing(model, "upcycle_from") or model.upcycle_from is None:
+        return None
+    try:
+        directory = model_dir_of(model.upcycle_from)
+        dense = hf_io.load_config(directory)
+    except UserError as err:
+        raise type(err)(f"model.upcycle_from: {err}") from None
+    model.upcycle_from = str(directory)
+    return dense
+
+
+def model_dir_of(path: str | Path) -> Path:
+    """The HF model directory of a run directory (its ``hf/``), or ``path`` itself when it is one."""
+    path = Path(path)
+    hf_dir = path / HF_EXPORT if (path / HF_EXPORT / "config.json").is_file() else path
+    if not (hf_dir / "config.json").is_file():
+        raise MissingFileError(
+            f"{path} is neither a run directory (with {HF_EXPORT}/) nor a model directory (with config.json)"
+        )
+    return hf_dir
 
 
 def display_path(path: Path) -> str:
@@ -293,6 +331,7 @@ def _parse_defaults(entries: Any, source: str) -> dict[str, str]:
 
 def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
     """Merge ``update`` onto ``base``, turning omegaconf errors into one-line ConfigErrors."""
+    update = _upgrade_legacy_keys(update)
     for group, value in update.items() if isinstance(update, dict) else ():
         if group in GROUPS and not isinstance(value, (dict, type(None))):
             raise ConfigError(f"{source}: '{group}' must be a mapping of {group} settings, got {value!r}")
@@ -315,6 +354,16 @@ def _merge(base: DictConfig, update: Any, source: str) -> DictConfig:
         raise ConfigError(f"{source}: {_describe_validation(err)}") from None
     except OmegaConfBaseException as err:
         raise ConfigError(f"{source}: {_first_line(err)}") from None
+
+
+def _upgrade_legacy_keys(update: Any) -> Any:
+    """``update`` with the model keys of earlier versions renamed (:func:`jetmoe.config.upgrade_legacy_keys`), so
+    that older experiment files and run directories keep working."""
+    if isinstance(update, DictConfig):
+        update = OmegaConf.to_container(update)
+    if isinstance(update, dict) and isinstance(update.get("model"), dict):
+        return {**update, "model": upgrade_legacy_keys(update["model"])}
+    return update
 
 
 def _leaves(update: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
@@ -399,6 +448,12 @@ def _problems(cfg: ExperimentConfig) -> Iterator[str]:
         build_model_config(m)
     except ValueError as err:
         yield f"model.{err}"
+    if m.upcycle_noise < 0:
+        yield f"model.upcycle_noise must be >= 0 (0: exact copies), got {m.upcycle_noise}"
+    if m.upcycle_from is not None and m.init_from is not None:
+        yield "model.upcycle_from and model.init_from exclude each other: upcycle a dense model, or fine-tune a model"
+    if m.upcycle_from is not None and t.strategy == "fsdp":
+        yield "model.upcycle_from is not supported with trainer.strategy=fsdp yet"
     try:
         validate_data_config(cfg.data)
     except ValueError as err:

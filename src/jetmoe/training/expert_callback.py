@@ -29,9 +29,11 @@ from jetmoe.training.expert_metrics import ROUTER_KINDS, SUMMARY_KEYS, RouterUti
 
 REPORT_JSON = "expert_utilization.json"
 REPORT_CSV = "expert_utilization.csv"
-LOGGED_KEYS = ("imbalance", "cv", "entropy_norm", "dead_fraction", "top1_top2_ratio")
+LOGGED_KEYS = ("imbalance", "cv", "entropy_norm", "dead_fraction", "top1_top2_ratio", "balance_loss", "dropped_share")
 EXPERT_KEYS = ("load", "prob", "top1_load", "tokens")
-CSV_SUMMARY_KEYS = ("imbalance", "cv", "entropy_norm", "dead_fraction", "top1_top2_ratio", "balance_loss")
+CSV_SUMMARY_KEYS = (
+    "imbalance", "cv", "entropy_norm", "dead_fraction", "top1_top2_ratio", "balance_loss", "dropped_share"
+)
 BARS = "▁▂▃▄▅▆▇█"
 
 
@@ -106,6 +108,9 @@ class ExpertUtilizationCallback(L.Callback):
         self._last_logged_step = step
         stats = self._flush_window(step)
         pl_module.log_dict(scalar_metrics("experts", stats), on_step=True, on_epoch=False, sync_dist=False)
+        biases_RE = selection_biases(pl_module)
+        if biases_RE is not None:
+            pl_module.log_dict(bias_metrics("experts", biases_RE), on_step=True, on_epoch=False, sync_dist=False)
         if self._heatmap_due(step) and trainer.is_global_zero:
             self._log_images(trainer, stats, step)
 
@@ -131,7 +136,7 @@ class ExpertUtilizationCallback(L.Callback):
             scopes["val"] = self._last_val
         output_dir = self.output_dir or trainer.log_dir or trainer.default_root_dir  # log_dir is a collective
         if trainer.is_global_zero:
-            write_report(output_dir, self._report(scopes, trainer.global_step))
+            write_report(output_dir, self._report(scopes, trainer.global_step, selection_biases(pl_module)))
 
     # ---- checkpoint state ------------------------------------------------------------------------------
 
@@ -194,7 +199,7 @@ class ExpertUtilizationCallback(L.Callback):
             for name, tokens_E in zip(self.names, stats["tokens"]):
                 writer.add_histogram_raw(f"experts/{name}/expert_tokens", global_step=step, **expert_histogram(tokens_E))
 
-    def _report(self, scopes: dict[str, dict[str, Tensor]], global_step: int) -> dict:
+    def _report(self, scopes: dict[str, dict[str, Tensor]], global_step: int, biases_RE: Tensor | None) -> dict:
         scopes_py = {scope: {key: value.tolist() for key, value in stats.items()} for scope, stats in scopes.items()}
         routers = []
         for r, name in enumerate(self.names):
@@ -202,6 +207,8 @@ class ExpertUtilizationCallback(L.Callback):
             entry = {"name": name, "kind": kind, "layer": int(layer)}
             for scope, stats in scopes_py.items():
                 entry[scope] = {key: stats[key][r] for key in (*SUMMARY_KEYS, "num_tokens", *EXPERT_KEYS)}
+            if biases_RE is not None:
+                entry["expert_bias"] = biases_RE[r].tolist()
             routers.append(entry)
         return {
             "num_layers": self.num_layers,
@@ -237,6 +244,26 @@ def scalar_metrics(prefix: str, stats: dict[str, Tensor]) -> dict[str, Tensor]:
         scalars[f"{prefix}/{kind}/max_imbalance"] = imbalance_L.max()
         scalars[f"{prefix}/{kind}/mean_entropy_norm"] = stats["entropy_norm"][kind_idx::2].mean()
         scalars[f"{prefix}/{kind}/dead_fraction"] = stats["dead_fraction"][kind_idx::2].mean()
+    return scalars
+
+
+def selection_biases(pl_module: L.LightningModule) -> Tensor | None:
+    """``[R, E]`` the routers' selection biases on the host (``balancing="bias"``), in ``router_names`` order; None
+    for a model without them."""
+    model = getattr(pl_module, "model", None)
+    biases = [router.expert_bias for router in model.routers()] if hasattr(model, "routers") else [None]
+    return None if biases[0] is None else torch.stack(biases).detach().float().cpu()
+
+
+def bias_metrics(prefix: str, biases_RE: Tensor) -> dict[str, Tensor]:
+    """``<prefix>/<kind>/layer_<i>/bias/expert_<e>`` for every selection bias, and per kind the mean spread
+    (max - min over a router's experts) ``<prefix>/<kind>/mean_bias_spread``."""
+    names = router_names(len(biases_RE) // 2)
+    scalars = {f"{prefix}/{name}/bias/expert_{e}": bias for name, bias_E in zip(names, biases_RE)
+               for e, bias in enumerate(bias_E)}
+    spread_R = biases_RE.amax(-1) - biases_RE.amin(-1)
+    for kind_idx, kind in enumerate(ROUTER_KINDS):
+        scalars[f"{prefix}/{kind}/mean_bias_spread"] = spread_R[kind_idx::2].mean()
     return scalars
 
 

@@ -19,6 +19,8 @@ Definitions (per router, over the tokens seen since the last reset):
   uses the second-largest probability, also for k = 1; with E = 1 there is no second expert and it is 0.
 * ``balance_loss``  the router's own load-balancing loss (`jetmoe.losses.load_balancing_per_router` of its token
   and probability shares): k for perfectly balanced routing, as in training.
+* ``dropped_share``  share of the routed rows dropped for capacity (``JetMoeConfig.capacity_factor``; 0 when
+  dropless). ``load`` counts the rows as routed, before dropping.
 
 With no tokens, every statistic is 0.
 """
@@ -47,6 +49,7 @@ SUMMARY_KEYS = (
     "top1_prob",
     "top2_prob",
     "balance_loss",
+    "dropped_share",
 )
 
 # name -> (shape of the state: "RE" or "R", dtype); counts are exact ints, probability sums fp64.
@@ -59,6 +62,7 @@ _STATES = {
     "top1_prob_sum_R": ("R", torch.float64),
     "top2_prob_sum_R": ("R", torch.float64),
     "ratio_sum_R": ("R", torch.float64),
+    "dropped_count_R": ("R", torch.int64),
 }
 
 
@@ -97,6 +101,10 @@ def routing_sums(routings: Sequence[Routing], mask_N: Tensor | None = None) -> d
     top1_RE = torch.zeros(len(routings), num_experts, device=device).scatter_add_(
         1, experts_RNk[..., 0], weight_N.expand(len(routings), -1)
     )
+    dropped_R = torch.stack([
+        torch.zeros((), device=device) if routing.kept_Nk is None else (~routing.kept_Nk).sum(-1).float() @ weight_N
+        for routing in routings
+    ])
     return {
         "topk_count_RE": torch.stack(assigned).round().long(),
         "top1_count_RE": top1_RE.round().long(),
@@ -106,6 +114,7 @@ def routing_sums(routings: Sequence[Routing], mask_N: Tensor | None = None) -> d
         "top1_prob_sum_R": top1_p_RN @ weight_N,
         "top2_prob_sum_R": top2_p_RN @ weight_N,
         "ratio_sum_R": (top2_p_RN / top1_p_RN) @ weight_N,
+        "dropped_count_R": dropped_R.round().long(),
     }
 
 
@@ -137,6 +146,7 @@ def utilization_stats(sums: dict[str, Tensor], top_k: int, dead_threshold: float
         "top1_prob": sums["top1_prob_sum_R"] / denom_R1[:, 0],
         "top2_prob": sums["top2_prob_sum_R"] / denom_R1[:, 0],
         "balance_loss": load_balancing_per_router(top_k * load_RE, prob_RE),
+        "dropped_share": sums["dropped_count_R"] / (top_k * denom_R1[:, 0]),
     }
     stats = {name: value.float() for name, value in stats.items()}
     stats["tokens"] = sums["topk_count_RE"].clone()

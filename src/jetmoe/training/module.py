@@ -10,12 +10,34 @@ import lightning as L
 import torch
 from torchmetrics import MeanMetric
 
-from jetmoe import JetMoeForCausalLM, load_pretrained
+from jetmoe import JetMoeForCausalLM, hf_io, load_pretrained
+from jetmoe.errors import InputFileError
 from jetmoe.model import packed_causal_mask
-from jetmoe.training.config import TRAINING_FIELDS, ExperimentConfig, build_model_config, from_dict, to_dict
+from jetmoe.model.upcycle import is_router_key, upcycle_state_dict
+from jetmoe.training.config import (
+    TRAINING_FIELDS, ExperimentConfig, build_model_config, from_dict, model_dir_of, to_dict,
+)
 from jetmoe.training.optim import build_optimizer
 
 THROUGHPUT_WINDOW = 20  # micro-batches averaged into train/tokens_per_sec
+
+
+def load_upcycled(
+    model: JetMoeForCausalLM, source: str, noise: float = 0.0, generator: torch.Generator | None = None
+) -> None:
+    """Load into `model` every weight but its routers' from the dense model at `source` (a run directory or an HF
+    directory), each expert a copy of the dense MLP or attention (`jetmoe.model.upcycle`)."""
+    directory = model_dir_of(source)
+    dense_state, dense_config = hf_io.load_state_dict(directory), hf_io.load_config(directory)
+    state = upcycle_state_dict(dense_state, dense_config, model.config, noise, generator)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = model.config.tie_word_embeddings
+    missing = [k for k in missing if not is_router_key(k) and not (tied and k == "lm_head.weight")]
+    if missing or unexpected:
+        raise InputFileError(
+            f"{directory}: weights do not match its config.json: missing keys {missing[:8]}, "
+            f"unexpected keys {unexpected[:8]}"
+        )
 
 
 class JetMoeLitModule(L.LightningModule):
@@ -36,10 +58,12 @@ class JetMoeLitModule(L.LightningModule):
         self.fit_seconds, self.fit_tokens = 0.0, 0
         self._step_times: deque[tuple[int, float]] = deque(maxlen=THROUGHPUT_WINDOW)
         self._last_batch_end: float | None = None
+        self._load_RE: torch.Tensor | None = None  # balancing="bias": routed rows per expert since the last step
 
     # ------------------------------------------------------------------ model
     def configure_model(self) -> None:
-        """Build the model once (weights are initialised by its constructor, or loaded from ``init_from``)."""
+        """Build the model once (weights are initialised by its constructor, loaded from ``init_from``, or upcycled
+        from ``upcycle_from``)."""
         if self.model is not None:
             return
         m, t = self.cfg.model, self.cfg.trainer
@@ -59,6 +83,8 @@ class JetMoeLitModule(L.LightningModule):
             model = load_pretrained(m.init_from, **overrides)
         else:
             model = JetMoeForCausalLM(build_model_config(m))
+            if m.upcycle_from:  # the routers keep their seeded init; the noise has its own seeded generator
+                load_upcycled(model, m.upcycle_from, m.upcycle_noise, torch.Generator().manual_seed(self.cfg.run.seed))
         if m.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if self.cfg.trainer.compile:
@@ -92,7 +118,22 @@ class JetMoeLitModule(L.LightningModule):
         self.log_dict({"train/ce": out.ce_loss, "train/aux": out.aux_loss, "train/z": out.z_loss}, sync_dist=True)
         self.log("train/lr", self.optimizers().param_groups[0]["lr"])
         self.log("train/tokens_seen", float(self.tokens_seen))
+        if self.model.config.balancing == "bias":
+            load_RE = torch.stack([routing.counts_E for routing in out.routings])
+            self._load_RE = load_RE if self._load_RE is None else self._load_RE + load_RE
         return self._expert_outputs(out.loss, out)
+
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The optimizer step, then (balancing="bias") the routers' selection biases moved by the load of the
+        step's micro-batches on all ranks, so that every rank keeps the same biases."""
+        super().optimizer_step(*args, **kwargs)
+        if self._load_RE is None:
+            return
+        load_RE, self._load_RE = self._load_RE, None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(load_RE)
+        for router, load_E in zip(self.model.routers(), load_RE):
+            router.update_bias(load_E, self.model.config.bias_update_rate)
 
     def on_train_start(self) -> None:
         self._fit_start = (time.perf_counter(), self.tokens_seen)  # after a resumed checkpoint is loaded

@@ -42,7 +42,8 @@ from jetmoe.data.sources import read_files, resolve_files
 from jetmoe.data.tokenizer import SpecialTokens, read_tokenizer
 from jetmoe.training.callbacks import MixtureLog, ProgressLog, ValidateOnLastStep
 from jetmoe.training.config import (
-    RUN_CONFIG, TRAINING_FIELDS, ExperimentConfig, build_model_config, data_phase_steps, load_run_config, to_yaml,
+    HF_EXPORT, RUN_CONFIG, TRAINING_FIELDS, ExperimentConfig, build_model_config, data_phase_steps, load_run_config,
+    model_dir_of, to_yaml,
 )
 from jetmoe.training.expert_callback import ExpertUtilizationCallback
 from jetmoe.training.host_memory import retain_freed_memory
@@ -55,7 +56,7 @@ from jetmoe.training.module import JetMoeLitModule
 from jetmoe.training.reliability import AtomicCheckpointIO, NonFiniteGuard, resumable_checkpoint
 from jetmoe.training.report import EVAL_DIR, LM_EVAL_KIND, complete_export
 
-CHECKPOINTS, TENSORBOARD, HF_EXPORT = "checkpoints", "tb", "hf"
+CHECKPOINTS, TENSORBOARD = "checkpoints", "tb"
 LAST_CKPT = "last.ckpt"
 TOKENIZER_FILE = "tokenizer.json"
 
@@ -247,17 +248,6 @@ def export(
 
 
 # ----------------------------------------------------------------------------- generation / evaluation
-
-
-def model_dir_of(path: str | Path) -> Path:
-    """The HF model directory of a run directory (its ``hf/``), or ``path`` itself when it is one."""
-    path = Path(path)
-    hf_dir = path / HF_EXPORT if (path / HF_EXPORT / "config.json").is_file() else path
-    if not (hf_dir / "config.json").is_file():
-        raise MissingFileError(
-            f"{path} is neither a run directory (with {HF_EXPORT}/) nor a model directory (with config.json)"
-        )
-    return hf_dir
 
 
 def load_run_model(path: str | Path) -> tuple[JetMoeForCausalLM, Tokenizer]:
