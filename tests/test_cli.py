@@ -242,6 +242,9 @@ ERRORS = [
     (None, [*FILE_DATA, "data.sources.text.data_files=[{tmp}/empty.txt]"], "empty.txt: file is empty"),
     (None, [*FILE_DATA, "data.sources.text.data_files=[{tmp}/latin1.txt]"], "latin1.txt: not UTF-8"),
     (None, ["data.sources.stdlib.weight=-1"], "data.sources.stdlib.weight must be a number >= 0, got -1.0"),
+    (None, ["model.balancing=loss_free"], "model.balancing must be one of aux_global, aux_per_router, bias, none"),
+    (None, ["model.capacity_factor=-1"], "model.capacity_factor must be a positive number or null (dropless)"),
+    (None, ["model.bias_update_rate=-1"], "model.bias_update_rate must be a non-negative number, got -1.0"),
     (None, ["data.sources.stdlib.weight=0"], "data.sources: the weights (stdlib=0.0) must sum to a positive number"),
     (None, ["data.sources.web.kind=stdlib", "data.sources.web.weight=0"],
      "data.sources.web.weight is 0 and no data.phases entry gives it a weight"),
@@ -262,6 +265,10 @@ ERRORS = [
      "trainer.expert_parallel (2) must divide the number of ranks, trainer.devices × trainer.num_nodes (3)"),
     (None, ["trainer.strategy=fsdp", "trainer.expert_parallel=2", "trainer.devices=1"],  # no distributed launch
      "trainer.expert_parallel (2) must divide the number of ranks, trainer.devices × trainer.num_nodes (1)"),
+    (None, ["trainer.devices=0"], "trainer.devices must be a number of devices > 0, -1 (all), auto, or comma-"),
+    (None, ["trainer.accelerator=bogus"], "trainer.accelerator must be one of auto, cpu, gpu, cuda, mps, tpu, got"),
+    (None, ["trainer.expert_parallel_attention=true"],
+     "trainer.expert_parallel_attention needs trainer.expert_parallel > 1, got 1"),
 ]
 
 
@@ -298,6 +305,19 @@ def test_user_errors_are_one_line_with_exit_code_2(tmp_path, tokenizer_400, caps
         (["train", DEFAULT, *TINY, "run.output_dir={tmp}", "--resume"], "--resume: no checkpoint in"),
         (["train", DEFAULT, *TINY, "model.hidden_size=32", "run.output_dir={runs}", "run.name=tiny", "--resume"],
          "--resume: model.hidden_size is 32, but the run in"),
+        (["train", DEFAULT, "--resume", *TINY, "model.hidden_size=32", "run.output_dir={runs}", "run.name=tiny"],
+         "--resume: model.hidden_size is 32, but the run in"),  # overrides after a flag are overrides too
+        (["report", "{run}", "a=b"], "jetmoe: unrecognized arguments: a=b"),  # a command without overrides
+        (["plan", DEFAULT, "--gpus", "2", "model=tiny", "--nope"], "jetmoe: unrecognized arguments: --nope"),
+        (["consolidate", "{run}"], "last.ckpt: a single-file checkpoint, of a run without trainer.strategy=fsdp"),
+        (["consolidate", "{run}", "--checkpoint", "lats.ckpt"], "lats.ckpt: no such checkpoint (found: best-step8"),
+        (["generate", "{run}", "--seed", "99999999999999999999999"],
+         "argument --seed: must be in [0, 9223372036854775808), got 99999999999999999999999"),
+        (["generate", "{run}", "--seed", "-1"], "argument --seed: must be in [0, 9223372036854775808), got -1"),
+        (["eval", "{run}", "--tasks", "stdlib_next_line", "--device", "bogus"],
+         "argument --device: expected cpu, cuda, cuda:N or mps, got 'bogus'"),
+        (["eval", "{run}", "--tasks", "stdlib_next_line", "--device", "cuda:99"],
+         "argument --device: 'cuda:99' is not available: this torch sees"),
         (["generate", "{run}", "--top-p", "1.5"], "argument --top-p: must be in (0, 1], got 1.5"),
         (["generate", "{run}", "--temperature", "0"], "argument --temperature: must be in (0, inf), got 0"),
         (["generate", "{run}", "--max-new-tokens", "-1"], "argument --max-new-tokens: must be in [0, inf), got -1"),
@@ -315,6 +335,36 @@ def test_other_commands_fail_cleanly(tiny_run, tmp_path, capsys, argv, message):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert err.count("jetmoe: error: ") == 1 and message in err and "Traceback" not in err
+
+
+def test_an_error_raised_after_the_trainer_is_built_is_the_only_stderr_line(tiny_run, tmp_path):
+    """The --resume check runs once Lightning's Trainer exists, which logs its hardware summary (``GPU available:
+    False, used: False``): `jetmoe` drops those lines, so the error is all the user sees."""
+    run_dir, _ = tiny_run
+    result = jetmoe("train", DEFAULT, *TINY, "model.hidden_size=32", f"run.output_dir={run_dir.parent}",
+                    "run.name=tiny", "--resume", cwd=tmp_path)
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"jetmoe: error: --resume: model.hidden_size is 32, but the run in {run_dir} was trained with 64 (its "
+        "checkpoints have that architecture)"
+    ]
+
+
+def test_eval_device_cuda_without_cuda_names_the_flag(tiny_run, capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert main(["eval", str(tiny_run[0]), "--tasks", "stdlib_next_line", "--device", "cuda"]) == 2
+    assert "argument --device: 'cuda' is not available: this torch sees 0 CUDA device(s)" in _last_error(
+        capsys.readouterr().err)
+
+
+@pytest.mark.skipif(torch.cuda.is_available() or torch.backends.mps.is_available(), reason="needs a GPU-less machine")
+def test_accelerator_gpu_without_a_gpu_names_the_key(tmp_path, capsys):
+    """Lightning's own error ("No supported gpu backend found!") names no key: `jetmoe` adds it, and what to do."""
+    assert main(["train", DEFAULT, *TINY, "trainer.accelerator=gpu", f"run.output_dir={tmp_path}/runs",
+                 f"data.cache_dir={tmp_path}/cache"]) == 2
+    assert "trainer.accelerator: No supported gpu backend found! (gpu needs a CUDA or MPS device" in _last_error(
+        capsys.readouterr().err)
+    assert not (tmp_path / "runs").exists()
 
 
 def test_a_bug_keeps_its_traceback_and_exits_1(tiny_run, monkeypatch):
@@ -400,5 +450,6 @@ def test_plan_compares_fsdp_alone_with_each_expert_parallel_degree(capsys):
     assert [row.split()[0] for row in table[1:-1]] == ["1", "2", "4", "8", "16", "32", "64"]
     assert table[4].startswith("8 (configured)")
     assert table[-1].endswith("moves the fewest bytes; inside a node, expert_parallel=8")
-    assert main([*plan, "--gpus", "12"]) == 2
-    assert capsys.readouterr().err.strip() == "jetmoe: error: expert_parallel (8) must divide gpus (12)"
+    for argv in ([*plan, "--gpus", "12"], [*plan[:-1], "--gpus", "12", plan[-1]]):  # overrides before or after flags
+        assert main(argv) == 2
+        assert capsys.readouterr().err.strip() == "jetmoe: error: trainer.expert_parallel (8) must divide --gpus (12)"

@@ -1,8 +1,14 @@
 """Crash-safe writes: a write that dies leaves the previous file or directory intact."""
 
+import json
+import os
+import stat
+
 import pytest
 
-from jetmoe.files import atomic_write, atomic_write_text, replace_dir, resolve_dir
+from jetmoe.files import (
+    atomic_write, atomic_write_json, atomic_write_text, remove_temporary_files, replace_dir, resolve_dir,
+)
 
 
 class Died(RuntimeError):
@@ -42,3 +48,16 @@ def test_resolve_dir_falls_back_to_the_previous_version(tmp_path):
     assert resolve_dir(final) == tmp_path / ".store.old"
     final.mkdir()
     assert resolve_dir(final) == final
+
+
+def test_published_files_are_readable_like_new_files_and_json_ends_with_a_newline(tmp_path):
+    """mkstemp makes a private file: publishing gives it the mode `open` would (0o666 less the umask), so a store or
+    an export is readable by the other users of a shared filesystem."""
+    umask = os.umask(0o022)
+    os.umask(umask)
+    target = atomic_write_json(tmp_path / "record.json", {"a": [1, 2]})
+    assert json.loads(target.read_text()) == {"a": [1, 2]} and target.read_text().endswith("]\n}\n")
+    assert stat.S_IMODE(target.stat().st_mode) == 0o666 & ~umask
+    (tmp_path / ".shard.bin.abc.tmp").write_bytes(b"half")  # a write killed before publish
+    remove_temporary_files(tmp_path)
+    assert [p.name for p in tmp_path.iterdir()] == ["record.json"]

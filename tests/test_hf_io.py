@@ -17,7 +17,10 @@ transformers = pytest.importorskip("transformers")
 def test_our_checkpoint_loads_in_transformers(tiny_config, tmp_path):
     model = JetMoeForCausalLM(tiny_config).eval()
     save_pretrained(model, tmp_path)
-    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors"}
+    assert {p.name for p in tmp_path.iterdir()} == {"config.json", "model.safetensors", "generation_config.json"}
+    generation = transformers.GenerationConfig.from_pretrained(tmp_path)  # no tokenizer needed: only the config
+    assert (generation.bos_token_id, generation.eos_token_id, generation.max_length) == (
+        tiny_config.bos_token_id, tiny_config.eos_token_id, tiny_config.max_position_embeddings)
     hf, info = transformers.JetMoeForCausalLM.from_pretrained(tmp_path, output_loading_info=True)
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     ids = torch.randint(0, 128, (2, 9))

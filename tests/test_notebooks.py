@@ -47,7 +47,7 @@ def images(nb: nbformat.NotebookNode) -> int:
     return sum("image/png" in output.get("data", {}) for cell in nb.cells if cell.cell_type == "code" for output in cell.outputs)
 
 
-COMMITTED_IMAGES = {"routing_exploration.ipynb": 7, "ablation_analysis.ipynb": 2}
+COMMITTED_IMAGES = {"routing_exploration.ipynb": 7, "ablation_analysis.ipynb": 3}
 MAX_NOTEBOOK_BYTES = 1_500_000
 
 
@@ -77,11 +77,12 @@ def test_routing_exploration_trains_a_tiny_run_and_analyses_it(tmp_path):
 
 def test_ablation_analysis_runs_the_smoke_sweep_and_interprets_it(tmp_path):
     nb = execute("ablation_analysis.ipynb", {
-        "SWEEP_OVERRIDES": [*TINY_TRAINING, f"data.cache_dir={tmp_path}/cache", f"sweep_dir={tmp_path}/sweep",
-                            "only=dense,e8_k2"],
+        "SWEEP_DIR": None, "SWEEP_OVERRIDES": [*TINY_TRAINING, f"data.cache_dir={tmp_path}/cache",
+                                               f"sweep_dir={tmp_path}/sweep", "only=dense,bias", "seeds=1,2"],
     }, tmp_path)
     out = text_outputs(nb)
-    assert "2 finished point(s)" in out
-    assert "Dense baseline dense" in out and "e8_k2 (8 experts, top-2) reaches val loss" in out
-    assert images(nb) == 2
-    assert (tmp_path / "sweep/results.csv").is_file()
+    assert "4 finished point(s)" in out
+    assert "Dense baseline dense_s1" in out and "bias_s2 (8 experts, top-2) reaches val loss" in out
+    assert "bias: Δ = " in out and "nats vs dense over 2 seed(s)" in out
+    assert images(nb) == 3
+    assert (tmp_path / "sweep/summary.csv").is_file()

@@ -334,7 +334,7 @@ def interpret_sweep(rows: Sequence[Mapping[str, Any]], baseline: str | None = No
 
 
 def _is_baseline(row: Mapping[str, Any], baseline: str | None) -> bool:
-    return row["name"] == baseline if baseline else row["num_local_experts"] == 1
+    return baseline in (row["name"], row.get("point")) if baseline else row["num_local_experts"] == 1
 
 
 def _versus_dense(row: Mapping[str, Any], dense: Mapping[str, Any]) -> str:
@@ -346,6 +346,26 @@ def _versus_dense(row: Mapping[str, Any], dense: Mapping[str, Any]) -> str:
         f"{row['params_total'] / dense['params_total']:.1f}x total parameters; "
         f"load imbalance {row['imbalance']:.2f}, {row['dead_fraction']:.0%} dead experts."
     )
+
+
+def interpret_seed_summary(summary: Sequence[Mapping[str, Any]], baseline: str) -> str:
+    """A sentence per point of a seeded sweep (``jetmoe.training.sweep.seed_summary``): its difference to the
+    baseline, and whether it is beyond noise, i.e. larger than twice the seed spread (the standard deviation
+    over the seeds of the paired difference)."""
+    lines = []
+    for row in summary:
+        if row["point"] == baseline or row["delta_mean"] is None:
+            continue
+        spread = row["delta_std"]
+        if spread is None:
+            verdict = "one seed: no spread to compare with"
+        elif abs(row["delta_mean"]) > 2 * spread:
+            verdict = f"{'better' if row['delta_mean'] < 0 else 'worse'} beyond noise (|Δ| > 2 × {spread:.4f})"
+        else:
+            verdict = f"within noise (|Δ| ≤ 2 × {spread:.4f})"
+        lines.append(f"{row['point']}: Δ = {row['delta_mean']:+.4f} nats vs {baseline} over {row['seeds']} seed(s); "
+                     f"{verdict}; load imbalance {row['imbalance']:.2f}, {row['dead_fraction']:.0%} dead experts.")
+    return "\n".join(lines) or f"Nothing to compare with {baseline}."
 
 
 # ----------------------------------------------------------------------------- plots
@@ -391,6 +411,26 @@ def plot_stage_entropy(rows: Sequence[Mapping[str, Any]]):
         ax.grid(alpha=0.3)
     axes[0].set_ylabel("entropy / log E (1 = uniform)")
     axes[0].legend()
+    return fig
+
+
+def plot_seed_summary(summary: Sequence[Mapping[str, Any]]):
+    """Per point of a seeded sweep: the difference in validation loss to the baseline (mean, bars at ± one standard
+    deviation over the seeds) and the dead-expert fraction."""
+    from matplotlib.figure import Figure
+
+    rows = [row for row in summary if row["delta_mean"] is not None]
+    fig = Figure(figsize=(11, 3.5), layout="constrained")
+    delta_ax, dead_ax = fig.subplots(1, 2)
+    x = np.arange(len(rows))
+    delta_ax.bar(x, [row["delta_mean"] for row in rows], yerr=[row["delta_std"] or 0 for row in rows], capsize=4)
+    delta_ax.axhline(0, color="k", linewidth=0.8)
+    delta_ax.set_ylabel("Δ val loss vs baseline (nats; ± 1 std)")
+    dead_ax.bar(x, [row["dead_fraction"] or 0 for row in rows])
+    dead_ax.set_ylabel("dead-expert fraction")
+    for ax in (delta_ax, dead_ax):
+        ax.set_xticks(x, [row["point"] for row in rows], rotation=45, ha="right")
+        ax.grid(alpha=0.3, axis="y")
     return fig
 
 

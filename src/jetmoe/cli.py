@@ -22,6 +22,7 @@ import argparse
 import json
 import logging
 import math
+import re
 import sys
 import warnings
 from collections.abc import Callable
@@ -35,11 +36,11 @@ USAGE_ERROR, RUN_FAILED = 2, 1
 
 def main(argv: Sequence[str] | None = None) -> int:
     try:
-        args = _parser().parse_args(argv)
+        args = _parse_args(argv)
         _configure_logging()
         args.command(args)
     except _user_errors() as err:
-        _print_error(err)
+        _print_error(err if isinstance(err, UserError) else _with_trainer_key(err))
         return USAGE_ERROR
     except RunFailure as err:
         _print_error(err)
@@ -59,15 +60,39 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     return UserError, MisconfigurationException
 
 
+#: (fragment of a Lightning MisconfigurationException, the config key it is about, what to do); first match wins.
+_LIGHTNING_KEYS = (
+    ("no supported gpu backend", "trainer.accelerator", "gpu needs a CUDA or MPS device torch can see; else use cpu"),
+    ("devices", "trainer.devices", ""),
+    ("you requested gpu", "trainer.devices", ""),
+    ("accelerator", "trainer.accelerator", ""),
+)
+
+
+def _with_trainer_key(err: BaseException) -> UserError:
+    """Lightning's configuration error, naming the ``trainer.*`` key it is about: Lightning names its own
+    `Trainer` arguments (``accelerator``, ``devices``), or nothing at all ("No supported gpu backend found!")."""
+    message = " ".join(str(err).split())
+    for fragment, key, hint in _LIGHTNING_KEYS:
+        if fragment in message.lower():
+            return UserError(f"{key}: {message}{f' ({hint})' if hint else ''}")
+    return UserError(message)
+
+
+#: Lightning's info lines that are noise here: advertising tips, and the hardware summary printed when a Trainer is
+#: built (``GPU available: False, used: False``), which would precede a one-line error raised after it.
+_LIGHTNING_NOISE = re.compile(r"💡 Tip|(GPU|TPU|HPU|IPU) available: ")
+
+
 def _configure_logging() -> None:
     """Plain ``message`` lines on stderr for jetmoe and Lightning alike, without Lightning's
-    advertising tips and known-harmless warnings."""
+    advertising tips, hardware summary and known-harmless warnings."""
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     import lightning  # noqa: F401  (adds its own console handler, which would print every line twice)
 
     logging.getLogger("lightning").handlers.clear()
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
-        logging.getLogger(name).addFilter(lambda record: not record.getMessage().startswith("💡 Tip"))
+        logging.getLogger(name).addFilter(lambda record: not _LIGHTNING_NOISE.match(record.getMessage()))
     for message in (
         r".*does not have many workers.*",  # the data is pre-tokenized in memory: workers don't help
         r".*isinstance\(treespec, LeafSpec\)` is deprecated.*",  # torch vs Lightning internals
@@ -83,6 +108,21 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str):
         raise UserError(f"{self.prog}: {message}")
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    """`parse_args`, except that ``KEY=VALUE`` overrides may also follow a flag (``--resume trainer.max_steps=5``):
+    argparse fills a positional list only before the first flag and leaves the rest over (and its
+    `parse_intermixed_args` refuses subcommands)."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    overrides = [item for item in extra if "=" in item and not item.startswith("-")]
+    unknown = [item for item in extra if item not in overrides or not hasattr(args, "overrides")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if overrides:
+        args.overrides += overrides
+    return args
 
 
 def _number(kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
@@ -103,6 +143,27 @@ def _number(kind: type, low: float | None = None, high: float | None = None, *, 
         return value
 
     return parse
+
+
+def _device(text: str) -> str:
+    """An argparse type: a torch device this machine has. lm-eval silently falls back to its default for a name it
+    does not know, and asserts on a CUDA device that torch cannot reach."""
+    import torch
+
+    expected = "expected cpu, cuda, cuda:N or mps"
+    try:
+        device = torch.device(text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{expected}, got {text!r}") from None
+    if device.type == "cpu":
+        return "cpu"  # lm-eval knows "cpu", not "cpu:0"
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise argparse.ArgumentTypeError(f"{text!r} is not available: this torch sees {count} CUDA device(s)")
+    elif device.type != "mps" or not torch.backends.mps.is_available():
+        raise argparse.ArgumentTypeError(f"{expected} (a device this machine has), got {text!r}")
+    return str(device)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -133,7 +194,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument("--compile", action="store_true",
                    help="static KV cache and a compiled decode step: faster per token, after a compilation of seconds")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=_number(int, 0, 2**63, high_open=True), default=0)  # torch seeds are int64
     p.set_defaults(command=_generate)
 
     p = commands.add_parser("eval", help="perplexity on text files and/or lm-evaluation-harness tasks")
@@ -144,7 +205,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--num-fewshot", type=_number(int, 0), default=None,
                    help="--tasks: examples in each prompt (lm-eval's default)")
     p.add_argument("--limit", type=_number(int, 1), default=None, help="--tasks: score the first N items of each task")
-    p.add_argument("--device", default=None, help="--tasks: cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--device", type=_device, default=None,
+                   help="--tasks: cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--seq-len", type=_number(int, 2), default=None,
                    help="files: window length (default: the run's data.seq_len)")
     p.add_argument("--batch-size", type=_number(int, 1), default=8)
@@ -290,7 +352,8 @@ def _plan(args: argparse.Namespace) -> None:
         peak_tflops=args.peak_tflops, mfu=args.mfu, expert_parallel_attention=t.expert_parallel_attention,
         gpus_per_node=args.gpus_per_node,
     )
-    print(format_plan(estimate(config, **plan, expert_parallel=t.expert_parallel)))
+    names = {"expert_parallel": "trainer.expert_parallel", "gpus": "--gpus"}  # as this command's user spells them
+    print(format_plan(estimate(config, **plan, expert_parallel=t.expert_parallel, names=names)))
     print(f"\n{format_expert_parallel_options(expert_parallel_options(config, **plan), t.expert_parallel)}")
 
 

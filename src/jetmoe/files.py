@@ -4,11 +4,16 @@ disk, then renamed over it, so a process killed (or a disk filling up) mid-write
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+_UMASK = os.umask(0o022)  # read once (os.umask can only be read by setting it): published files get 0o666 & ~umask
+os.umask(_UMASK)
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -20,25 +25,57 @@ def fsync_dir(path: str | Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
-    """Call `write(tmp)` to fill a temporary file beside `path`, fsync it, rename it over `path` and fsync the
-    directory. The temporary file is removed if anything fails."""
+def temporary_file(path: str | Path) -> Path:
+    """A new empty file beside `path`, named `.NAME.*.tmp` (what `remove_temporary_files` clears), for a write that
+    `publish` finishes."""
     path = Path(path)
     fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    tmp = Path(name)
+    return Path(name)
+
+
+def publish(tmp: str | Path, path: str | Path) -> None:
+    """Finish a write: fsync the complete file `tmp`, give it the permissions of a newly created file (mkstemp
+    makes it private), rename it over `path` and fsync the directory."""
+    path = Path(path)
+    with open(tmp, "rb+") as f:
+        os.fsync(f.fileno())
+    os.chmod(tmp, 0o666 & ~_UMASK)
+    os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def remove_temporary_files(directory: str | Path) -> None:
+    """Clear what writes killed before `publish` left in `directory`."""
+    for path in Path(directory).glob(".*.tmp"):
+        path.unlink(missing_ok=True)
+
+
+def atomic_write(path: str | Path, write: Callable[[Path], None]) -> None:
+    """Call `write(tmp)` to fill a temporary file beside `path`, then `publish` it. The temporary file is removed if
+    anything fails."""
+    tmp = temporary_file(path)
     try:
         write(tmp)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        fsync_dir(path.parent)
+        publish(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def atomic_copy(source: str | Path, path: str | Path) -> None:
+    atomic_write(path, lambda tmp: shutil.copyfile(source, tmp))
+
+
+def atomic_write_json(path: str | Path, obj: Any, *, indent: int = 1,
+                      default: Callable[[Any], Any] | None = None) -> Path:
+    """`obj` as indented JSON ending in a newline (`default` as in `json.dumps`: None refuses unknown types).
+    Returns `path`."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, default=default) + "\n")
+    return Path(path)
 
 
 def hidden_sibling(path: str | Path, tag: str) -> Path:

@@ -21,8 +21,6 @@ place.
 
 from __future__ import annotations
 
-import json
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -32,7 +30,7 @@ from tokenizers import Tokenizer
 
 from jetmoe.config import JetMoeConfig
 from jetmoe.errors import InputFileError, MissingFileError
-from jetmoe.files import atomic_write, atomic_write_text
+from jetmoe.files import atomic_copy, atomic_write_json, atomic_write_text
 
 TOKENIZER_FILE, TOKENIZER_CONFIG, SPECIAL_TOKENS_MAP = "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"
 GENERATION_CONFIG, MODEL_CARD, FIGURES_DIR = "generation_config.json", "README.md", "figures"
@@ -50,6 +48,7 @@ class CardMetric:
     dataset_name: str = ""  # in words (default: the id)
     metric_name: str = ""  # in words (default: the metric)
     source: str = ""  # what computed it, e.g. "lm-evaluation-harness 0.4.13"
+    partial: bool = False  # scored on part of the items (`jetmoe eval --limit`): in the card's table, not model-index
 
 
 @dataclass
@@ -81,13 +80,13 @@ def complete_hf_dir(
         raise MissingFileError(f"{source}: tokenizer file not found (an HF directory needs its tokenizer.json)")
     written = []
     if source.resolve() != target.resolve():
-        atomic_write(target, lambda tmp: shutil.copyfile(source, tmp))
+        atomic_copy(source, target)
         written.append(target)
     special = special_tokens(Tokenizer.from_file(str(target)), config, target)
     written += [
-        _write_json(directory / TOKENIZER_CONFIG, tokenizer_config(special, config)),
-        _write_json(directory / SPECIAL_TOKENS_MAP, special),
-        _write_json(directory / GENERATION_CONFIG, generation_config(config)),
+        atomic_write_json(directory / TOKENIZER_CONFIG, tokenizer_config(special, config), indent=2),
+        atomic_write_json(directory / SPECIAL_TOKENS_MAP, special, indent=2),
+        write_generation_config(directory, config),
     ]
     card = card or ModelCard()
     figures = _copy_figures(card.figures, directory / FIGURES_DIR)
@@ -135,9 +134,10 @@ def generation_config(config: JetMoeConfig) -> dict[str, Any]:
     }
 
 
-def _write_json(path: Path, content: Mapping[str, Any]) -> Path:
-    atomic_write_text(path, json.dumps(content, indent=2) + "\n")
-    return path
+def write_generation_config(directory: str | Path, config: JetMoeConfig) -> Path:
+    """``generation_config.json``: it needs only the config, so every HF directory gets it, also one saved without a
+    tokenizer (``jetmoe.save_pretrained``)."""
+    return atomic_write_json(Path(directory) / GENERATION_CONFIG, generation_config(config), indent=2)
 
 
 def _copy_figures(figures: Mapping[str, Path], out_dir: Path) -> dict[str, Path]:
@@ -146,7 +146,7 @@ def _copy_figures(figures: Mapping[str, Path], out_dir: Path) -> dict[str, Path]
         out_dir.mkdir(parents=True, exist_ok=True)
         target = out_dir / Path(path).name
         if Path(path).resolve() != target.resolve():
-            shutil.copyfile(path, target)
+            atomic_copy(path, target)
         copied[caption] = target
     return copied
 
@@ -209,10 +209,11 @@ def _metadata(card: ModelCard, name: str) -> dict[str, Any]:
     }
     if card.datasets:
         meta["datasets"] = list(card.datasets)
-    if card.metrics:
+    indexed = [m for m in card.metrics if not m.partial]
+    if indexed:
         results = []
-        latest = {(m.dataset, m.metric): m for m in card.metrics}  # one value per metric: the last one listed
-        for dataset in dict.fromkeys(m.dataset for m in card.metrics):
+        latest = {(m.dataset, m.metric): m for m in indexed}  # one value per metric: the last one listed
+        for dataset in dict.fromkeys(m.dataset for m in indexed):
             metrics = [m for (d, _), m in latest.items() if d == dataset]
             results.append({
                 "task": {"type": "text-generation", "name": "Text Generation"},

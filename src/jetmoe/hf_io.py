@@ -23,8 +23,8 @@ from torch import nn
 
 from jetmoe.config import JetMoeConfig
 from jetmoe.errors import ConfigError, InputFileError, MissingFileError
-from jetmoe.files import atomic_write, atomic_write_text
-from jetmoe.hf_export import ModelCard, complete_hf_dir
+from jetmoe.files import atomic_write, atomic_write_json
+from jetmoe.hf_export import ModelCard, complete_hf_dir, write_generation_config
 from jetmoe.model import JetMoeForCausalLM, JetMoePreTrainedModel
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -43,12 +43,14 @@ def save_pretrained(
     model: JetMoePreTrainedModel, directory: str | Path, tokenizer: str | Path | None = None,
     card: ModelCard | None = None,
 ) -> Path:
-    """Write `model` as an HF-format directory (`config.json`, `model.safetensors`); with a `tokenizer.json`, a
-    complete one that every Hugging Face tool accepts (tokenizer files with the special tokens,
-    `generation_config.json`, a model card: `hf_export.complete_hf_dir`). Returns the directory."""
+    """Write `model` as an HF-format directory (`config.json`, `model.safetensors`, `generation_config.json`, which
+    needs only the config); with a `tokenizer.json`, a complete one that every Hugging Face tool accepts (tokenizer
+    files with the special tokens, a model card: `hf_export.complete_hf_dir`). Returns the directory."""
     write_checkpoint(directory, model.config, model.state_dict(), type(model).__name__)
     if tokenizer is not None:
         complete_hf_dir(directory, model.config, tokenizer, card)
+    else:
+        write_generation_config(directory, model.config)
     return Path(directory)
 
 
@@ -67,7 +69,7 @@ def write_checkpoint(
     dtype = next(iter(tensors.values())).dtype if tensors else torch.float32
     meta = {**config.to_dict(), "architectures": [architecture], "dtype": str(dtype).removeprefix("torch.")}
     atomic_write(directory / WEIGHTS_NAME, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    atomic_write_text(directory / CONFIG_NAME, json.dumps(meta, indent=2) + "\n")
+    atomic_write_json(directory / CONFIG_NAME, meta, indent=2)
     return directory
 
 

@@ -33,6 +33,7 @@ def source(**overrides) -> dict:
         ({"tokenizer_train_chars": 1.5}, "data.tokenizer_train_chars must be a positive integer, got 1.5"),
         ({"val_fraction": 0.6}, r"data.val_fraction must be a number in \(0, 0.5\], got 0.6"),
         ({"num_workers": -1}, "data.num_workers must be an integer >= 0, got -1"),
+        ({"skip_batches": -5}, "data.skip_batches must be an integer >= 0, got -5"),
         ({"prepare_workers": 0}, "data.prepare_workers must be a positive integer, got 0"),
         ({"cache_dir": ""}, "data.cache_dir must be a non-empty path"),
         (source(kind="web"), "data.sources.web.kind must be one of stdlib, files, hub, disk, got 'web'"),

@@ -207,6 +207,13 @@ def test_loader_state_counts_consumed_batches_not_prefetched_ones(two_source_con
     assert all(torch.equal(a, b) for a, b in zip(consumed + ids_of(again, 3), uninterrupted))
 
 
+def test_skip_batches_continues_another_runs_data_stream(two_source_config):
+    uninterrupted = ids_of(ready(two_source_config).train_dataloader(), 5)
+    skipping = ready(dataclasses.replace(two_source_config, skip_batches=3)).train_dataloader()
+    assert all(torch.equal(a, b) for a, b in zip(ids_of(skipping, 2), uninterrupted[3:]))
+    assert skipping.state_dict() == {"batches": 5}  # a resume restores the position, skip included
+
+
 def test_loader_rolls_over_to_the_next_epoch_after_a_full_pass(jsonl_config):
     dm = ready(jsonl_config)
     loader = dm.train_dataloader()

@@ -137,6 +137,37 @@ def test_a_truncated_or_missing_shard_is_named_and_prepare_rebuilds_only_it(two_
     assert digests(tmp_path / "store") == before
 
 
+@pytest.mark.parametrize("damage", [b"{\"version\": 1, \"sha", b"\xff\xfe", b"[]"])
+def test_a_damaged_manifest_is_written_again_from_the_intact_shards(two_source_config, tmp_path, small_chunks,
+                                                                   monkeypatch, damage):
+    cfg = shard_config(two_source_config, tmp_path)
+    prepare_store(cfg, vocab_size=VOCAB, special=SPECIAL)
+    before = digests(tmp_path / "store")
+    manifest = next((tmp_path / "store").glob("web-*")) / MANIFEST_FILE
+    manifest.write_bytes(damage)  # a disk error or a hand edit
+    with pytest.raises(InputFileError, match="manifest.json: not (valid JSON|a manifest)"):
+        prepare_store(cfg, vocab_size=VOCAB, special=SPECIAL, repair=False)  # `jetmoe train` reports, never repairs
+    encoded = []
+    real_encode = prepare.encode_chunk
+    monkeypatch.setattr(prepare, "encode_chunk", lambda *a: encoded.append(1) or real_encode(*a))
+    summaries = {s.name: s for s in prepare_store(cfg, vocab_size=VOCAB, special=SPECIAL)}
+    assert not encoded and summaries["web"].built_shards == 0  # every shard was intact: nothing re-tokenized
+    assert digests(tmp_path / "store") == before
+
+
+def test_changing_mixture_weights_keeps_the_tokenizer_and_the_store(two_source_config, tmp_path):
+    """The BPE trains on equal shares of the sources, so a weight ablation is not a tokenizer ablation."""
+    cfg = dataclasses.replace(two_source_config, store_dir=str(tmp_path / "store"))
+    prepare_store(cfg, vocab_size=VOCAB, special=SPECIAL)
+    before = digests(tmp_path / "store")
+    reweighted = dataclasses.replace(cfg, store_dir=None, sources={
+        "web": dataclasses.replace(cfg.sources["web"], weight=0.0), "code": cfg.sources["code"]})
+    assert prepare.tokenizer_recipe(reweighted, VOCAB, SPECIAL).key == prepare.tokenizer_recipe(cfg, VOCAB, SPECIAL).key
+    summaries = prepare_store(dataclasses.replace(reweighted, store_dir=cfg.store_dir), vocab_size=VOCAB,
+                              special=SPECIAL)
+    assert [s.built_shards for s in summaries] == [0, 0] and digests(tmp_path / "store") == before
+
+
 def test_a_store_of_another_tokenizer_is_refused_and_kept(jsonl_config, tmp_path, tiny_tokenizer):
     cfg = dataclasses.replace(jsonl_config, store_dir=str(tmp_path / "store"))
     prepare_store(cfg, vocab_size=VOCAB, special=SPECIAL)

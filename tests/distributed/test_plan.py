@@ -159,3 +159,10 @@ def test_the_options_table_names_the_degree_that_sends_the_fewest_bytes():
 def test_impossible_expert_parallel_degrees_are_refused(degree, gpus, message):
     with pytest.raises(ConfigError, match=message):
         estimate(JetMoeConfig.from_name("jetmoe-8b"), **{**PLAN, "gpus": gpus}, expert_parallel=degree)
+
+
+def test_degree_errors_name_the_callers_keys():
+    """`jetmoe plan` passes how its user spells the degree and the device count: a config key and a flag."""
+    names = {"expert_parallel": "trainer.expert_parallel", "gpus": "--gpus"}
+    with pytest.raises(ConfigError, match=r"^trainer\.expert_parallel \(8\) must divide --gpus \(12\)$"):
+        estimate(JetMoeConfig.from_name("jetmoe-8b"), **{**PLAN, "gpus": 12}, expert_parallel=8, names=names)

@@ -67,6 +67,7 @@ def test_evaluates_at_start_every_n_steps_and_at_the_end(tmp_path, fresh_model, 
     written = json.loads((tmp_path / DOWNSTREAM_JSON).read_text())
     assert written["history"] == callback.history
     assert written["tasks"]["mini"]["items"] == len(task.items)
+    assert not list(tmp_path.glob("*.tmp"))  # written through jetmoe.files: nothing left beside it
 
 
 def test_history_survives_a_resume(tmp_path, fresh_model, tokenizer, task):

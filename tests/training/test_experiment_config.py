@@ -133,6 +133,11 @@ BASE = "defaults:\n  - model: tiny\n  - trainer: cpu\n"
         (BASE, ["trainer.strategy=fsdp", "trainer.expert_parallel=3"],
          r"^trainer.expert_parallel \(3\) must divide model.num_local_experts \(4\)$"),
         (BASE, ["trainer.expert_parallel=0"], r"^trainer.expert_parallel must be > 0, got 0$"),
+        (BASE, ["trainer.expert_parallel_attention=true"],
+         r"^trainer.expert_parallel_attention needs trainer.expert_parallel > 1, got 1$"),
+        (BASE, ["trainer.accelerator=gpus"], r"^trainer.accelerator must be one of auto, cpu, gpu, cuda, mps, tpu"),
+        (BASE, ["trainer.devices=0"], r"^trainer.devices must be a number of devices > 0, -1 \(all\), auto, or comma-"),
+        (BASE, ["trainer.devices=0,0"], r"^trainer.devices must be .* such as '0,1', got '0,0'$"),
         (BASE, ["model=huge"], r"command line: no config 'model: huge'"),
         (BASE, ["lr"], r"command line: override 'lr' is not key=value"),
         ("defaults:\n  - modle: tiny\n", [], r"exp.yaml: defaults: unknown group 'modle'"),
@@ -152,6 +157,12 @@ def test_config_errors_are_one_line_naming_the_key(experiment, body, overrides, 
     with pytest.raises(ConfigError, match=message) as info:
         load_config(experiment(body), overrides)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("devices", ["1", "8", "-1", "auto", "0,1", "'1,'"])
+def test_lightnings_forms_of_devices_are_accepted(experiment, devices):
+    """A count, -1 (all), auto, or comma-separated device indices: what Lightning's Trainer takes as ``devices``."""
+    load_config(experiment(BASE), [f"trainer.devices={devices}"])
 
 
 def test_error_in_a_group_file_names_that_file(tmp_path):

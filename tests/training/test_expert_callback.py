@@ -11,6 +11,8 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from jetmoe.training.expert_callback import (
+    CSV_SUMMARY_KEYS,
+    EXPERT_KEYS,
     ExpertUtilizationCallback,
     bias_metrics,
     expert_histogram,
@@ -19,6 +21,7 @@ from jetmoe.training.expert_callback import (
     load_bar,
     load_heatmap,
     scalar_metrics,
+    write_report,
 )
 from jetmoe.training.expert_metrics import RouterUtilization
 from model_helpers import routes
@@ -222,3 +225,13 @@ def test_ddp_spawn_reports_global_counts(tmp_path):
     report = json.loads((tmp_path / "run" / "version_0" / "expert_utilization.json").read_text())
     assert report["routers"][0]["run"]["num_tokens"] == 2 * 6 * (TOKENS - 4)  # 2 ranks x 6 steps
     assert report["routers"][0]["val"]["num_tokens"] == 2 * (TOKENS - 4)  # 2 val batches split over 2 ranks
+
+
+def test_a_report_write_that_fails_keeps_the_previous_report(tmp_path):
+    stats = {**{key: [0.5, 0.5] for key in EXPERT_KEYS}, **dict.fromkeys(CSV_SUMMARY_KEYS, 1.0)}
+    report = {"scopes": ["run"], "routers": [{"kind": "moe", "layer": 0, "run": stats}], "num_experts": 2}
+    write_report(tmp_path, report)
+    before = {p.name: p.read_text() for p in tmp_path.iterdir()}
+    with pytest.raises(KeyError):
+        write_report(tmp_path, {**report, "scopes": ["run", "val"]})  # no "val" statistics: fails mid-CSV
+    assert {p.name: p.read_text() for p in tmp_path.iterdir()} == before  # no half file, no temporary file

@@ -65,3 +65,37 @@ def test_figures_need_data(run_dir):
     written = write_figures(run_dir)  # no TensorBoard events, no routing report: only the downstream curve
     assert list(written) == ["Downstream accuracy during training"]
     assert written["Downstream accuracy during training"] == run_dir / "figures" / "downstream.png"
+
+
+def test_a_limited_lm_eval_run_says_so_and_stays_out_of_the_model_index(run_dir, monkeypatch):
+    """`jetmoe eval RUN --tasks t --limit 4`: the result records the limit, the card's table names the 4 items, and
+    model-index keeps the downstream callback's value on all 8; a full lm-eval result is never hidden by it."""
+    import yaml
+
+    from jetmoe import JetMoeConfig, JetMoeForCausalLM, save_pretrained
+    from jetmoe.data.tokenizer import SpecialTokens, train_tokenizer
+    from jetmoe.training import run
+
+    config = JetMoeConfig.from_name("test", vocab_size=300, pad_token_id=0)
+    save_pretrained(JetMoeForCausalLM(config), run_dir / "hf")
+    tokenizer = train_tokenizer(["def f(x):\n    return x\n"] * 10, 300, SpecialTokens())
+    tokenizer.save(str(run_dir / "hf" / "tokenizer.json"))
+    lm_eval_result = {
+        "results": {task: {"alias": task, "acc,none": 0.25, "acc_stderr,none": 0.1} for task in ("t", "arc_easy")},
+        "n-shot": {"t": 0, "arc_easy": 0}, "n-samples": {"t": {"original": 8, "effective": 4},
+                                                         "arc_easy": {"original": 2376, "effective": 4}},
+        "lm_eval_version": "0.4.13", "samples": {"t": []},
+    }
+    monkeypatch.setattr(run, "run_lm_eval", lambda *args, **kwargs: lm_eval_result)
+    _, written = run.evaluate_tasks(run_dir, ["t", "arc_easy"], limit=4, output_dir=run_dir / "eval")
+    saved = json.loads(written.read_text())
+    assert saved["limit"] == 4 and "samples" not in saved
+
+    latest = latest_lm_eval_results(run_dir)
+    assert latest["t"]["partial"] and latest["t"]["items"] == 4
+    assert latest["arc_easy"]["metrics"] == {"acc": 0.6} and not latest["arc_easy"]["partial"]  # the full one
+    _, front, body = (run_dir / "hf" / "README.md").read_text().split("---\n", 2)
+    assert "| t (4 of 8 items) | acc | 0.2500 | lm-evaluation-harness 0.4.13, 0-shot |" in body
+    index = {result["dataset"]["type"]: {m["type"]: m["value"] for m in result["metrics"]}
+             for result in yaml.safe_load(front)["model-index"][0]["results"]}
+    assert index["t"]["acc"] == 0.5 and index["arc_easy"]["acc"] == 0.6  # not the 4-item values

@@ -159,6 +159,14 @@ BAD_SWEEPS = [
     ("base: {default}\npoints: [{{name: a}}, {{name: b, overrides: {{model.num_local_experts: 16, model.num_experts_per_tok: 16}}}}]\n"
      "match_active_params: {{reference: a}}\n", "sweep.yaml: match_active_params: point b gets"),  # attention alone is too big
     ("base: {default}\ngrid: [1, 2\n", "sweep.yaml: invalid YAML"),
+    ("base: {default}\npoints: [{{name: a}}]\nseeds: [1, 1]\n", "sweep.yaml: seeds must be a non-empty list of distinct"),
+    ("base: {default}\npoints: [{{name: a}}]\nseeds: 3\n", "sweep.yaml: seeds must be a non-empty list"),
+    ("base: {default}\npoints: [{{name: a}}]\nbaseline: b\n", "sweep.yaml: baseline: no point named 'b'"),
+    ("base: {default}\npoints: [{{name: a, upcycle: b}}, {{name: b}}]\n",
+     "sweep.yaml: point a: upcycle must name an earlier point, got 'b'"),
+    ("base: {default}\npoints: [{{name: a, match: 0}}]\n", "sweep.yaml: points[0].match must be true or false"),
+    ("base: {default}\npoints: [{{name: a}}, {{name: b, upcycle: a, overrides: {{model.upcycle_from: x}}}}]\n",
+     "sweep.yaml: points[1]: model.upcycle_from is set by upcycle: a"),
 ]
 
 
@@ -173,6 +181,7 @@ def test_bad_sweep_files_name_the_file_and_key(tmp_path, monkeypatch, body, mess
 
 @pytest.mark.parametrize("override,message", [
     ("only=a,zz", "command line: only: no point named 'zz'"),
+    ("seeds=1,x", "command line: seeds must be a non-empty list of distinct integers"),
     ("model.num_expert=2", "command line: unknown key 'model.num_expert'"),
     ("run.output_dir=x", "command line: run.output_dir is set by the sweep"),
 ])
@@ -196,3 +205,67 @@ def test_plot_draws_one_line_per_top_k_and_variant():
     experts_ax = plot_results(rows).axes[0]
     lines = {line.get_label(): list(line.get_xdata()) for line in experts_ax.get_lines() if line.get_marker() == "o"}
     assert lines == {"MoA+MoE top-2": [4, 8], "MoA+MoE top-2, balancing=aux_global": [8]}
+
+
+def test_seeds_expand_every_point_and_unmatched_points_keep_their_width(tmp_path):
+    path = write_sweep(tmp_path, f"""\
+base: {DEFAULT}
+sweep_dir: {tmp_path}/out
+overrides:
+{TINY}grid:
+  model.num_local_experts: [4]
+points:
+  - name: dense
+    overrides: {{model.num_local_experts: 1, model.num_experts_per_tok: 1}}
+  - name: wide
+    match: false
+    overrides: {{model.intermediate_size: 200}}
+match_active_params: {{reference: e4}}
+seeds: [3, 5]
+baseline: dense
+""")
+    points = {point.name: point for point in plan_sweep(load_sweep(path))}
+    assert list(points) == ["e4_s3", "e4_s5", "dense_s3", "dense_s5", "wide_s3", "wide_s5"]
+    assert points["dense_s5"].config.run.seed == 5 and points["dense_s5"].group == "dense"
+    assert points["dense_s3"].config.model.intermediate_size != 64  # matched to e4
+    assert points["wide_s3"].config.model.intermediate_size == 200  # match: false
+    only = plan_sweep(load_sweep(path, ["seeds=7", "only=dense"]))
+    assert [point.name for point in only][:2] == ["e4_s7", "dense_s7"]
+
+
+def test_seed_summary_pairs_the_baseline_by_seed():
+    from jetmoe.training.sweep import seed_summary, summary_table
+
+    row = dict(params_total=10, params_active=5, imbalance=1.0, dead_fraction=0.0, moa_dead_fraction=0.0,
+               moe_dead_fraction=0.0, tokens_per_sec=100.0)
+    rows = [{**row, "point": point, "seed": seed, "val_loss": loss} for point, seed, loss in [
+        ("dense", 1, 4.0), ("dense", 2, 3.0), ("moe", 1, 3.9), ("moe", 2, 2.8), ("moe", 3, 9.9)]]
+    dense, moe = seed_summary(rows, baseline="dense")
+    assert (dense["seeds"], dense["delta_mean"]) == (2, None)
+    assert moe["seeds"] == 3 and moe["delta_mean"] == pytest.approx(-0.15)  # seed 3 has no dense run to pair with
+    assert moe["delta_std"] == pytest.approx(0.0707107, rel=1e-5) and moe["val_loss_mean"] == pytest.approx(5.5333, rel=1e-4)
+    assert "-0.1500 ± 0.0707" in summary_table([moe])
+
+
+def test_an_upcycled_point_trains_from_its_source_run(tmp_path):
+    path = write_sweep(tmp_path, f"""\
+base: {DEFAULT}
+sweep_dir: {tmp_path}/out
+overrides:
+{TINY}  data.cache_dir: {tmp_path}/cache
+points:
+  - name: dense
+    overrides: {{model.num_local_experts: 1, model.num_experts_per_tok: 1}}
+  - name: upcycled
+    upcycle: dense
+    overrides: {{data.skip_batches: 4}}
+baseline: dense
+""")
+    planned = {point.name: point for point in plan_sweep(load_sweep(path))}
+    assert planned["upcycled"].config.model.upcycle_from is None  # its source has not run yet
+    result = run_sweep(path)
+    assert result.ran == ["dense", "upcycled"]
+    upcycled = {point.name: point for point in plan_sweep(load_sweep(path))}["upcycled"]
+    assert upcycled.config.model.upcycle_from == str(tmp_path / "out/dense/hf")
+    assert [row["point"] for row in result.summary] == ["dense", "upcycled"]
+    assert (tmp_path / "out/summary.md").is_file() and "Δ vs baseline" in format_table(result)

@@ -63,6 +63,7 @@ class DataConfig:
     tokenizer_train_chars: Optional[int] = 16_000_000  # the BPE trains on this many characters of the sources
     intra_doc_mask: bool = False  # carried for the training module: mask attention across documents
     num_workers: int = 0  # DataLoader worker processes (reading windows from the memory-mapped store is cheap)
+    skip_batches: int = 0  # start this far into the data order: continue another run's stream (e.g. its upcycling)
     prepare_workers: int = 2  # chunks tokenized at once by `jetmoe prepare` (threads; tokenizers adds its own)
     shard_tokens: int = 1 << 28  # training tokens per shard file (about; a shard ends at a chunk boundary)
     store_dir: Optional[str] = None  # the prepared token store; default <cache_dir>/store-<tokenizer hash>
@@ -92,8 +93,10 @@ def _problems(cfg: DataConfig) -> Iterator[str]:
     for name in ("max_chars", "tokenizer_train_chars"):
         if getattr(cfg, name) is not None:
             yield from _positive_int(f"data.{name}", getattr(cfg, name))
-    if not isinstance(cfg.num_workers, int) or isinstance(cfg.num_workers, bool) or cfg.num_workers < 0:
-        yield f"data.num_workers must be an integer >= 0, got {cfg.num_workers!r}"
+    for name in ("num_workers", "skip_batches"):
+        value = getattr(cfg, name)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            yield f"data.{name} must be an integer >= 0, got {value!r}"
     if isinstance(cfg.val_fraction, bool) or not 0 < cfg.val_fraction <= MAX_VAL_FRACTION:
         yield f"data.val_fraction must be a number in (0, {MAX_VAL_FRACTION}], got {cfg.val_fraction!r}"
     if not cfg.cache_dir:

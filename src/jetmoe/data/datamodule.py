@@ -245,6 +245,7 @@ class JetMoeDataModule(L.LightningDataModule):
                                rank=rank, eos_token_id=self.special.eos_token_id,
                                batches_per_epoch=windows // global_batch)
         self.train_loader = ResumableDataLoader(dataset, num_workers=self.cfg.num_workers)
+        self.train_loader.batches = self.cfg.skip_batches  # a resumed run's loader state replaces it
         return self.train_loader
 
     def val_dataloader(self) -> DataLoader:

@@ -7,7 +7,7 @@
 * Deterministic: chunk and shard boundaries depend on the documents only, so the same config gives byte-identical
   shards with any number of workers.
 * Resumable: shards are committed in order (`ShardWriter`); a rerun reads the source again but tokenizes only the
-  chunks of shards that are not on disk, and a missing or damaged shard is rebuilt the same way.
+  chunks of shards that are not on disk, and a missing or damaged shard (or manifest) is rebuilt the same way.
 * One preparer per source at a time (a lock file), so ranks or nodes that share a store wait for the first.
 """
 
@@ -35,11 +35,11 @@ from jetmoe.data.sources import (
 )
 from jetmoe.data.store import (
     MANIFEST_FILE, SPLITS, STORE_FILE, STORE_VERSION, TOKENIZER_FILE, ShardMeta, ShardWriter, SourceStore,
-    directory_bytes, finished_shards, open_source, publish, read_json, remove_temporary_files, temporary_path,
-    token_dtype, write_json,
+    directory_bytes, finished_shards, open_source, read_json, read_manifest, token_dtype,
 )
 from jetmoe.data.tokenizer import SpecialTokens, load_tokenizer, read_tokenizer, tokenizer_sha256, train_tokenizer
 from jetmoe.errors import ConfigError, InputFileError, MissingFileError
+from jetmoe.files import atomic_write, atomic_write_json, remove_temporary_files
 
 log = logging.getLogger("jetmoe.data")
 
@@ -87,10 +87,9 @@ def _source_identity(name: str, src: SourceConfig, cfg: DataConfig) -> dict[str,
 
 
 def _bpe_shares(cfg: DataConfig) -> dict[str, float]:
-    """Each source's share of the BPE training text: its normalized weight summed over the mixtures."""
-    mixtures = [{n: s.weight for n, s in cfg.sources.items()}] + [dict(p.weights) for p in cfg.phases]
-    raw = {name: sum(m.get(name, 0.0) / sum(m.values()) for m in mixtures) for name in cfg.sources}
-    return {name: share / sum(raw.values()) for name, share in raw.items()}
+    """Each source's share of the BPE training text: equal, whatever the mixture weights and phases, so that a
+    weight ablation keeps the tokenizer and the whole token store (a source's size is unknown before it is read)."""
+    return {name: 1 / len(cfg.sources) for name in cfg.sources}
 
 
 @dataclass
@@ -153,12 +152,11 @@ def ensure_tokenizer(cfg: DataConfig, root: Path, recipe: TokenizerRecipe, speci
     else:
         log.info(f"prepare: training {recipe.description}")
         tokenizer = train_tokenizer(bpe_training_text(cfg), vocab_size, special)
-    tmp = temporary_path(root / TOKENIZER_FILE)
-    tokenizer.save(tmp)
-    publish(tmp, root / TOKENIZER_FILE)
+    atomic_write(root / TOKENIZER_FILE, lambda tmp: tokenizer.save(str(tmp)))
     tokenizer = read_tokenizer(root / TOKENIZER_FILE)  # as every later run will load it
-    write_json(root / STORE_FILE, {"version": STORE_VERSION, "tokenizer_key": recipe.key,
-                                   "tokenizer": recipe.description, "tokenizer_sha256": tokenizer_sha256(tokenizer)})
+    atomic_write_json(root / STORE_FILE, {"version": STORE_VERSION, "tokenizer_key": recipe.key,
+                                          "tokenizer": recipe.description,
+                                          "tokenizer_sha256": tokenizer_sha256(tokenizer)})
     return tokenizer
 
 
@@ -219,13 +217,12 @@ def _prepare_source(name: str, path: Path, cfg: DataConfig, tokenizer: Tokenizer
     start = time.perf_counter()
     manifest_file = path / MANIFEST_FILE
     if manifest_file.is_file() and not repair:
-        return _summary(name, path, read_json(manifest_file), built=0, seconds=0.0)
+        return _summary(name, path, read_manifest(manifest_file), built=0, seconds=0.0)
     kept = finished_shards(path, dtype)
-    if manifest_file.is_file():
-        manifest = read_json(manifest_file)
-        if len(kept) == len(manifest["shards"]):
-            return _summary(name, path, manifest, built=0, seconds=0.0)
-        manifest_file.unlink()  # damaged: rebuild the missing shards, then write it again
+    manifest = _readable_manifest(manifest_file)
+    if manifest is not None and len(kept) == len(manifest["shards"]):
+        return _summary(name, path, manifest, built=0, seconds=0.0)
+    manifest_file.unlink(missing_ok=True)  # missing shards, or itself damaged: rebuild what is missing, write it again
     remove_temporary_files(path)
     shards, built = _build_shards(name, path, cfg, tokenizer, dtype, eos_token_id, kept)
     manifest = {
@@ -235,11 +232,24 @@ def _prepare_source(name: str, path: Path, cfg: DataConfig, tokenizer: Tokenizer
         "tokens": {split: sum(s.tokens[split] for s in shards) for split in SPLITS},
         "documents": {split: sum(s.documents[split] for s in shards) for split in SPLITS},
     }
-    write_json(manifest_file, manifest)
+    atomic_write_json(manifest_file, manifest)
     summary = _summary(name, path, manifest, built=built, seconds=time.perf_counter() - start)
     log.info(f"prepare {name}: done, {summary.tokens['train']:,} train + {summary.tokens['val']:,} val tokens in "
              f"{summary.shards} shard(s), {summary.bytes / 1e6:,.1f} MB, {summary.seconds:.1f}s")
     return summary
+
+
+def _readable_manifest(path: Path) -> Optional[dict[str, Any]]:
+    """A source's manifest, None when it is missing or unreadable. The manifest only sums up the shard records (each
+    shard's chunks and counts, which verify its files without the manifest), so a damaged one is repaired like a
+    damaged shard: the intact shards are kept and the manifest is written again from them."""
+    if not path.is_file():
+        return None
+    try:
+        return read_manifest(path)
+    except InputFileError:
+        log.warning(f"prepare: {path} is damaged; writing it again from the intact shards")
+        return None
 
 
 def _summary(name: str, path: Path, manifest: dict[str, Any], *, built: int, seconds: float) -> SourceSummary:

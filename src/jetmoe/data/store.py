@@ -18,8 +18,6 @@ or truncated shard is a one-line error that says how to rebuild it (`jetmoe prep
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -27,12 +25,11 @@ from typing import Any
 import numpy as np
 
 from jetmoe.errors import ConfigError, InputFileError, MissingFileError
+from jetmoe.files import atomic_write_json, publish, temporary_file
 
 STORE_VERSION = 1  # bump when the layout or the way documents become tokens changes
 SPLITS = ("train", "val")
 STORE_FILE, TOKENIZER_FILE, MANIFEST_FILE = "store.json", "tokenizer.json", "manifest.json"
-_UMASK = os.umask(0o022)
-os.umask(_UMASK)
 
 
 def token_dtype(num_ids: int) -> np.dtype:
@@ -59,27 +56,6 @@ class ShardMeta:
     documents: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SPLITS, 0))
 
 
-def publish(tmp: str | Path, path: Path) -> None:
-    """Give a finished temporary file the usual permissions and rename it to `path` (atomic)."""
-    os.chmod(tmp, 0o666 & ~_UMASK)
-    os.replace(tmp, path)
-
-
-def temporary_path(path: Path) -> str:
-    """A new temporary file beside `path` (named so that `remove_temporary_files` finds it)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    return tmp
-
-
-def write_json(path: Path, obj: Any) -> None:
-    """Write JSON through a temporary file and a rename: readers see the old file or the whole new one."""
-    tmp = temporary_path(path)
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1)
-    publish(tmp, path)
-
-
 def read_json(path: Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
@@ -89,14 +65,28 @@ def read_json(path: Path) -> dict[str, Any]:
         raise InputFileError(f"{path}: not valid JSON ({err}); remove it and run jetmoe prepare again") from None
 
 
+MANIFEST_KEYS = ("shards", "tokens", "documents", "dtype")
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """A source's manifest.json; InputFileError when it is not one (`jetmoe prepare` then writes it again)."""
+    manifest = read_json(path)
+    fields = manifest if isinstance(manifest, dict) else {}
+    missing = [key for key in MANIFEST_KEYS if key not in fields]
+    if missing or not isinstance(fields["shards"], list):
+        key = missing[0] if missing else "shards"
+        raise InputFileError(f"{path}: not a manifest (no valid {key!r}); run jetmoe prepare again")
+    return manifest
+
+
 class ShardWriter:
-    """Appends one shard's tokens to temporary files; `commit` renames them and writes the shard's record."""
+    """Appends one shard's tokens to temporary files; `commit` publishes them (`jetmoe.files`) and writes the shard's
+    record."""
 
     def __init__(self, directory: Path, index: int, chunk_start: int, dtype: np.dtype):
         self.directory, self.dtype = directory, dtype
         self.meta = ShardMeta(index=index, chunk_start=chunk_start, chunk_end=chunk_start)
-        self._files = {split: tempfile.NamedTemporaryFile(
-            dir=directory, prefix=f".{shard_file(split, index)}.", suffix=".tmp", delete=False) for split in SPLITS}
+        self._files = {split: open(temporary_file(directory / shard_file(split, index)), "wb") for split in SPLITS}
 
     def append(self, split: str, tokens: np.ndarray, documents: int) -> None:
         self._files[split].write(tokens.astype(self.dtype, copy=False).tobytes())
@@ -106,11 +96,9 @@ class ShardWriter:
     def commit(self, chunk_end: int) -> ShardMeta:
         self.meta.chunk_end = chunk_end
         for split, f in self._files.items():
-            f.flush()
-            os.fsync(f.fileno())
             f.close()
             publish(f.name, self.directory / shard_file(split, self.meta.index))
-        write_json(self.directory / shard_record(self.meta.index), asdict(self.meta))
+        atomic_write_json(self.directory / shard_record(self.meta.index), asdict(self.meta))
         return self.meta
 
     def abort(self) -> None:
@@ -147,11 +135,6 @@ def _size(path: Path) -> int:
         return path.stat().st_size
     except FileNotFoundError:
         return -1
-
-
-def remove_temporary_files(directory: Path) -> None:
-    for path in directory.glob(".*.tmp"):
-        path.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -198,7 +181,7 @@ class SourceStore:
 
 def open_source(name: str, path: Path, *, tokenizer_sha256: str, prepare_hint: str) -> SourceStore:
     """Memory-map a prepared source, checking it was made with this tokenizer and that every shard is whole."""
-    manifest = read_json(path / MANIFEST_FILE)
+    manifest = read_manifest(path / MANIFEST_FILE)
     if manifest.get("tokenizer_sha256") != tokenizer_sha256:
         raise ConfigError(
             f"{path}: source {name!r} was prepared with tokenizer {str(manifest.get('tokenizer_sha256'))[:12]} "

@@ -14,6 +14,7 @@ in one process, without a process group.
 from __future__ import annotations
 
 import logging
+import pickle
 import warnings
 from pathlib import Path
 from typing import Any
@@ -22,12 +23,13 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
 from torch.distributed.fsdp import FSDPModule
 
 from jetmoe import hf_io
 from jetmoe.config import JetMoeConfig
-from jetmoe.errors import InputFileError, MissingFileError
+from jetmoe.errors import InputFileError, MissingFileError, UserError
 from jetmoe.files import resolve_dir
 from jetmoe.model import JetMoeForCausalLM, JetMoePreTrainedModel
 
@@ -37,8 +39,9 @@ EMBED_KEY, HEAD_KEY = "model.embed_tokens.weight", "lm_head.weight"
 def resolve_checkpoint(directory: str | Path) -> Path:
     """`directory`, or its `.NAME.old` backup when a save died between the two renames of `files.replace_dir`."""
     found = resolve_dir(directory)
-    if found is None:
-        raise MissingFileError(f"{directory}: no such checkpoint")
+    if found is None:  # name the checkpoints there are (a mistyped --checkpoint)
+        others = ", ".join(sorted(p.name for p in Path(directory).parent.glob("*.ckpt")))
+        raise MissingFileError(f"{directory}: no such checkpoint{f' (found: {others})' if others else ''}")
     return found
 
 
@@ -119,6 +122,12 @@ def consolidate(sharded_dir: str | Path, out_dir: str | Path, config: JetMoeConf
     `transformers.JetMoeForCausalLM.from_pretrained` loads. One process, no process group; reads only the
     model tensors (not the optimizer state) of a Lightning `FSDP2Strategy` checkpoint (a `last.ckpt/` directory)."""
     path = resolve_checkpoint(sharded_dir)
+    if not path.is_dir():  # Lightning's single-file checkpoint: its run exported its HF weights itself
+        export = path.parent.parent / "hf" if path.parent.name == "checkpoints" else "the run directory's hf/"
+        raise InputFileError(
+            f"{path}: a single-file checkpoint, of a run without trainer.strategy=fsdp; consolidate expects a sharded "
+            f"checkpoint directory. Such a run's HF export is already in {export}"
+        )
     with torch.device("meta"):
         model = JetMoeForCausalLM(config)
     model.to_empty(device="cpu")
@@ -130,8 +139,20 @@ def consolidate(sharded_dir: str | Path, out_dir: str | Path, config: JetMoeConf
     wanted = {prefix + key: tensor for key, tensor in wanted.items()}
     with warnings.catch_warnings():  # "torch.distributed is disabled ... load in a single process": intended
         warnings.simplefilter("ignore", UserWarning)
-        dcp.load(wanted, checkpoint_id=path, no_dist=True)  # fills the model's tensors in place
+        try:
+            dcp.load(wanted, checkpoint_id=path, no_dist=True)  # fills the model's tensors in place
+        except CheckpointException as err:  # a BaseException, carrying each rank's (exception, traceback)
+            raise _unreadable_shard(path, next(iter(err.failures.values()))[0]) from None
     hf_io.write_checkpoint(out_dir, config, model.state_dict(), type(model).__name__)
+
+
+def _unreadable_shard(path: Path, err: BaseException) -> UserError:
+    """The one-line error for a shard file DCP could not read: missing, or truncated (an interrupted copy)."""
+    if isinstance(err, FileNotFoundError):
+        return MissingFileError(f"{err.filename}: shard file not found (the checkpoint {path} is incomplete)")
+    reason = str(err).split(". ")[0] or type(err).__name__  # torch's first sentence says what failed
+    return InputFileError(f"{path}: a shard file (*.distcp) cannot be read ({reason}): expected the complete files "
+                          "of a sharded save (a truncated copy?)")
 
 
 def check_tensor_shapes(path: Path, expected: dict[str, torch.Size], prefix: str = "") -> None:
@@ -152,7 +173,16 @@ def check_tensor_shapes(path: Path, expected: dict[str, torch.Size], prefix: str
 
 
 def _metadata(path: Path) -> dict[str, Any]:
-    return dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    """The tensors a sharded checkpoint holds, from its `.metadata` (the file a sharded save writes last)."""
+    file = path / ".metadata"
+    if not file.is_file():
+        raise MissingFileError(f"{file}: not found (expected a sharded checkpoint directory, as "
+                               "trainer.strategy=fsdp writes; an interrupted copy?)")
+    try:
+        return dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    except (pickle.UnpicklingError, EOFError) as err:
+        raise InputFileError(f"{file}: not a readable checkpoint index ({err or type(err).__name__}): truncated or "
+                             "damaged") from None
 
 
 def _model_prefix(path: Path) -> str:

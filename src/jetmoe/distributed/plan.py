@@ -65,6 +65,7 @@ plan says which moves fewer bytes per device: FSDP alone, or EP at a degree.
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -209,18 +210,22 @@ def estimate(
     expert_parallel: int = 1,
     expert_parallel_attention: bool = False,
     gpus_per_node: int = 8,
+    names: Mapping[str, str] | None = None,
 ) -> dict[str, Any]:
     """Per-device memory (GB), whether it fits, gradient-accumulation steps, bytes sent per step and throughput
     of an FSDP2 run, with experts split over groups of `expert_parallel` devices (module docstring).
 
     `peak_tflops`: dense bf16 peak of one device (H100 SXM: 989); `gpus_per_node` tells whether an EP group
-    (consecutive ranks) stays inside a node."""
+    (consecutive ranks) stays inside a node. `names`: how the caller's user spells the arguments in errors
+    (`jetmoe plan`: {"expert_parallel": "trainer.expert_parallel", "gpus": "--gpus"}), else their own names."""
+    names = names or {}
     check_choice("precision", precision, PRECISIONS)
     for name, value in (("seq_len", seq_len), ("global_batch_tokens", global_batch_tokens),
                         ("micro_batch_size", micro_batch_size), ("gpus", gpus), ("gpus_per_node", gpus_per_node)):
         if value < 1:
-            raise ConfigError(f"{name} must be >= 1, got {value}")
-    check_expert_parallel(expert_parallel, ranks=gpus, ranks_name="gpus", experts=config.num_local_experts)
+            raise ConfigError(f"{names.get(name, name)} must be >= 1, got {value}")
+    check_expert_parallel(expert_parallel, ranks=gpus, ranks_name=names.get("gpus", "gpus"),
+                          experts=config.num_local_experts, name=names.get("expert_parallel", "expert_parallel"))
     counts = config.num_parameters()
     p_bytes, g_bytes, o_bytes = STATE_BYTES[precision]
     s = ACTIVATION_DTYPE_BYTES[precision]

@@ -11,7 +11,6 @@ The history of every evaluation is written to ``<output_dir>/downstream.json`` a
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import time
@@ -25,6 +24,7 @@ from tokenizers import Tokenizer
 from jetmoe.eval.config import DownstreamConfig
 from jetmoe.eval.scoring import Request, build_requests, correct_counts, loglikelihoods
 from jetmoe.eval.tasks import MultipleChoiceTask, load_task, task_summary
+from jetmoe.files import atomic_write_json
 
 DOWNSTREAM_JSON = "downstream.json"
 log = logging.getLogger("jetmoe.train")
@@ -155,7 +155,5 @@ class DownstreamEvalCallback(L.Callback):
                       for task in self.tasks},
             "history": self.history,
         }
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        os.replace(tmp, path)
+        atomic_write_json(path, report)
 

@@ -97,6 +97,17 @@ class CpuOps(FusedOps):
     def expert_linear(self, x_MI, w_EOI, routing):
         if x_MI.shape[0] > self.LOOP_ROWS:
             return super().expert_linear(x_MI, w_EOI, routing)
+        return self._per_expert_products(x_MI, w_EOI, routing)
+
+    def expert_mlp(self, x_MD, w_E2FD, w_EDF, activation, routing):
+        """Both products chosen by the rows coming in: in a compiled graph the first product's rows are a sum of
+        unbacked counts, which the second could not compare with `LOOP_ROWS`."""
+        if x_MD.shape[0] > self.LOOP_ROWS:
+            return super().expert_mlp(x_MD, w_E2FD, w_EDF, activation, routing)
+        h_M2F = self._per_expert_products(x_MD, w_E2FD, routing)
+        return self._per_expert_products(self.glu(h_M2F, activation), w_EDF, routing)
+
+    def _per_expert_products(self, x_MI, w_EOI, routing):
         if torch.compiler.is_compiling():
             chunks = x_MI.split(routing.counts_E.tolist())
             return torch.cat([torch.mm(w_EOI[e], chunk_I.t()).t() for e, chunk_I in enumerate(chunks)])

@@ -46,6 +46,7 @@ from jetmoe.model.upcycle import check_upcycle_source
 
 SCHEDULES = ("wsd", "cosine", "constant")
 STRATEGIES = ("auto", "ddp", "fsdp")
+ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps", "tpu")  # Lightning 2.x's names; gpu: CUDA or MPS
 ON_NONFINITE = ("stop", "skip")
 CLI_SOURCE = "command line"
 MISSING_VALUE = "???"  # omegaconf's marker for a required value
@@ -463,11 +464,15 @@ def _problems(cfg: ExperimentConfig) -> Iterator[str]:
                f"model.max_position_embeddings ({m.max_position_embeddings})")
     for key, value, choices in (("optim.on_nonfinite", o.on_nonfinite, ON_NONFINITE),
                                 ("optim.schedule", o.schedule, SCHEDULES),
+                                ("trainer.accelerator", t.accelerator, ACCELERATORS),
                                 ("trainer.strategy", t.strategy, STRATEGIES),
                                 ("trainer.precision", t.precision, PRECISIONS)):
         problem = choice_problem(key, value, choices)
         if problem:
             yield problem
+    if not _valid_devices(t.devices):  # else Lightning's "`Trainer(devices=0)` value is not a valid input"
+        yield ("trainer.devices must be a number of devices > 0, -1 (all), auto, or comma-separated device indices "
+               f"such as '0,1', got {t.devices!r}")
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         yield f"optim.betas must be two numbers in [0, 1), got {list(o.betas)}"
     for key in ("lr", "eps"):
@@ -486,6 +491,8 @@ def _problems(cfg: ExperimentConfig) -> Iterator[str]:
             return  # the checks below divide by these
     if t.expert_parallel > 1 and t.strategy != "fsdp":
         yield f"trainer.expert_parallel ({t.expert_parallel}) needs trainer.strategy=fsdp, got {t.strategy!r}"
+    if t.expert_parallel_attention and t.expert_parallel == 1:  # else silently a no-op
+        yield "trainer.expert_parallel_attention needs trainer.expert_parallel > 1, got 1"
     problem = divisor_problem("trainer.expert_parallel", t.expert_parallel, "model.num_local_experts",
                               m.num_local_experts)
     if problem:
@@ -513,6 +520,17 @@ def _problems(cfg: ExperimentConfig) -> Iterator[str]:
         validate_downstream_config(cfg.downstream)
     except ValueError as err:
         yield str(err)
+
+
+def _valid_devices(devices: int | str) -> bool:
+    """Lightning's forms of ``devices`` that the schema (int or str) can hold: a count > 0, -1 (all), "auto", or
+    distinct comma-separated device indices ("0,1", "1,"). Checked here, as Lightning's own error names no key."""
+    text = str(devices).strip()
+    if text in ("auto", "-1") or (text.isdigit() and int(text) > 0):
+        return True
+    indices = [index.strip() for index in text.split(",") if index.strip()]
+    return "," in text and bool(indices) and all(index.isdigit() for index in indices) and (
+        len(set(map(int, indices))) == len(indices))
 
 
 def wsd_decay_start(max_steps: int, decay_fraction: float) -> int:

@@ -25,6 +25,7 @@ from torch import Tensor
 
 from jetmoe import figures
 from jetmoe.errors import MissingFileError, UserError
+from jetmoe.files import atomic_write, atomic_write_json
 from jetmoe.training.expert_metrics import ROUTER_KINDS, SUMMARY_KEYS, RouterUtilization, loads_by_kind, router_names
 
 REPORT_JSON = "expert_utilization.json"
@@ -298,22 +299,25 @@ def expert_histogram(tokens_E: Tensor) -> dict:
 
 
 def write_report(output_dir: str | os.PathLike, report: dict) -> Path:
-    """Write ``expert_utilization.json`` and the tidy ``expert_utilization.csv`` (one row per scope x router x expert)."""
+    """Write ``expert_utilization.json`` and the tidy ``expert_utilization.csv`` (one row per scope x router x expert),
+    each crash-safe (``jetmoe.files``): a run killed while writing keeps the previous report."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    json_path = output_dir / REPORT_JSON
-    json_path.write_text(json.dumps(report, indent=1))
-    with open(output_dir / REPORT_CSV, "w", newline="") as f:
-        writer = csv.writer(f)
-        writer.writerow(["scope", "kind", "layer", "expert", *EXPERT_KEYS, *CSV_SUMMARY_KEYS])
-        for scope in report["scopes"]:
-            for router in report["routers"]:
-                stats = router[scope]
-                summary = [stats[key] for key in CSV_SUMMARY_KEYS]
-                for expert in range(report["num_experts"]):
-                    per_expert = [stats[key][expert] for key in EXPERT_KEYS]
-                    writer.writerow([scope, router["kind"], router["layer"], expert, *per_expert, *summary])
-    return json_path
+
+    def write_csv(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(["scope", "kind", "layer", "expert", *EXPERT_KEYS, *CSV_SUMMARY_KEYS])
+            for scope in report["scopes"]:
+                for router in report["routers"]:
+                    stats = router[scope]
+                    summary = [stats[key] for key in CSV_SUMMARY_KEYS]
+                    for expert in range(report["num_experts"]):
+                        per_expert = [stats[key][expert] for key in EXPERT_KEYS]
+                        writer.writerow([scope, router["kind"], router["layer"], expert, *per_expert, *summary])
+
+    atomic_write(output_dir / REPORT_CSV, write_csv)
+    return atomic_write_json(output_dir / REPORT_JSON, report)
 
 
 def find_report(run_dir: str | os.PathLike) -> Path:

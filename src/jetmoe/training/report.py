@@ -65,16 +65,25 @@ def read_scalars(run_dir: str | Path, tags: list[str]) -> dict[str, tuple[list[i
 
 
 def latest_lm_eval_results(run_dir: str | Path) -> dict[str, dict[str, Any]]:
-    """``{task: {"metrics": {metric: value}, "version": ..., "num_fewshot": ..., "file": ...}}``, the newest file
-    per task among ``RUN_DIR/eval/lm_eval-*.json``."""
+    """``{task: {"metrics": {metric: value}, "version": ..., "num_fewshot": ..., "items": scored or None,
+    "of_items": the task's or None, "partial": bool, "file": ...}}`` from ``RUN_DIR/eval/lm_eval-*.json``: per task
+    the newest result on all items, else the newest partial one (``jetmoe eval --limit N``), so that a quick
+    check on a few items never hides a full evaluation."""
     latest: dict[str, dict[str, Any]] = {}
     for path in sorted((Path(run_dir) / EVAL_DIR).glob(f"{LM_EVAL_KIND}-*.json")):  # names sort by time
         result = json.loads(path.read_text())
         for task, values in result.get("results", {}).items():
             metrics = {key.split(",")[0]: value for key, value in values.items()
                        if "," in key and "_stderr" not in key and isinstance(value, (int, float))}
+            samples = result.get("n-samples", {}).get(task, {})
+            items, of_items = samples.get("effective"), samples.get("original")
+            limit = result.get("limit", result.get("config", {}).get("limit"))  # lm-eval's own record: older files
+            partial = limit is not None and (items is None or of_items is None or items < of_items)
+            if partial and task in latest and not latest[task]["partial"]:
+                continue
             latest[task] = {"metrics": metrics, "lm_eval_version": result.get("lm_eval_version", ""),
-                            "num_fewshot": result.get("n-shot", {}).get(task), "file": path.name}
+                            "num_fewshot": result.get("n-shot", {}).get(task), "items": items,
+                            "of_items": of_items, "partial": partial, "file": path.name}
     return latest
 
 
@@ -248,9 +257,17 @@ def _downstream_metrics(run_dir: Path) -> list[CardMetric]:
 
 
 def _lm_eval_metrics(run_dir: Path) -> list[CardMetric]:
+    """lm-eval's results, each named with its number of items; a partial one (``--limit``) stays out of
+    model-index, where it would replace a value computed on every item."""
     rows = []
     for task, result in latest_lm_eval_results(run_dir).items():
         shots = f", {result['num_fewshot']}-shot" if result["num_fewshot"] is not None else ""
         source = f"lm-evaluation-harness {result['lm_eval_version']}{shots}".strip()
-        rows += [CardMetric(task, metric, value, task, metric, source) for metric, value in result["metrics"].items()]
+        items, of_items = result["items"], result["of_items"]
+        if result["partial"]:
+            name = f"{task} ({items} of {of_items} items)" if items and of_items else f"{task} (part of its items)"
+        else:
+            name = f"{task} ({items} items)" if items else task
+        rows += [CardMetric(task, metric, value, name, metric, source, partial=result["partial"])
+                 for metric, value in result["metrics"].items()]
     return rows

@@ -35,7 +35,7 @@ from tokenizers import Tokenizer
 from jetmoe import JetMoeConfig, JetMoeForCausalLM, hf_io, load_pretrained, save_pretrained
 from jetmoe.data.config import SourceConfig
 from jetmoe.errors import ConfigError, MissingFileError, UserError, divisor_problem
-from jetmoe.files import atomic_write_text
+from jetmoe.files import atomic_write_json, atomic_write_text
 from jetmoe.data.datamodule import JetMoeDataModule, evaluation_batches
 from jetmoe.data.prepare import SourceSummary, prepare_store
 from jetmoe.data.sources import read_files, resolve_files
@@ -358,8 +358,7 @@ def write_eval_result(out_dir: Path, kind: str, result: dict[str, Any]) -> Path:
     path, n = out_dir / f"{kind}-{stamp}.json", 1
     while path.exists():
         path, n = out_dir / f"{kind}-{stamp}-{n}.json", n + 1
-    atomic_write_text(path, json.dumps(result, indent=1, default=str) + "\n")
-    return path
+    return atomic_write_json(path, result, default=str)
 
 
 def evaluate_tasks(
@@ -385,7 +384,8 @@ def evaluate_tasks(
                               batch_size=batch_size, device=device)
     written = None
     if output_dir is not None:
-        written = write_eval_result(output_dir, LM_EVAL_KIND, {k: v for k, v in results.items() if k != "samples"})
+        kept = {k: v for k, v in results.items() if k != "samples"}
+        written = write_eval_result(output_dir, LM_EVAL_KIND, {**kept, "limit": limit})  # the card marks partial runs
     if written is not None and written.parent.resolve() == (Path(path) / EVAL_DIR).resolve():  # a run's own results
         complete_export(path, hf_dir, hf_io.load_config(hf_dir), None)
     return results, written

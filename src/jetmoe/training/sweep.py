@@ -12,15 +12,26 @@ A sweep YAML::
     points:                          # named points, after the grid ones
       - name: dense
         overrides: {model.num_local_experts: 1, model.num_experts_per_tok: 1}
+      - name: upcycled               # `upcycle`: starts from an earlier point's finished run (same seed)
+        upcycle: dense               #   (model.upcycle_from=<its run directory>)
+        match: false                 # `match: false`: keeps its own model.intermediate_size
+        overrides: {model.num_local_experts: 8}
     match_active_params:             # optional: size model.intermediate_size per point (jetmoe.training.matching)
       reference: e8_k2               # a point (keeps its size); omitted: the base experiment with `overrides`
       tolerance: 0.02                # largest allowed |active / reference - 1|
       multiple_of: 8
+    seeds: [1337, 2024, 7]           # optional: every point once per seed, named <point>_s<seed> (run.seed=<seed>)
+    baseline: dense                  # optional: the summary's Δ column, paired by seed
 
 A point's config is, later winning: the base experiment < ``overrides`` < the point's values <
-command-line overrides < the matched ``model.intermediate_size`` < ``run.output_dir=<sweep_dir>``,
-``run.name=<point>``. Command-line overrides named like sweep keys change the sweep itself:
-``sweep_dir=DIR``, and ``only=a,b`` (train just these points now).
+command-line overrides < ``run.seed`` (with ``seeds``) < the matched ``model.intermediate_size`` <
+``model.upcycle_from`` (with ``upcycle``) < ``run.output_dir=<sweep_dir>``, ``run.name=<point>``. Command-line
+overrides named like sweep keys change the sweep itself: ``sweep_dir=DIR``, ``only=a,b`` (train just these points
+now: names with or without their seed suffix), ``seeds=1,2``.
+
+With ``seeds`` or ``baseline``, ``summary.csv`` and ``summary.md`` hold one row per point over its seeds: mean and
+standard deviation of the validation loss, the difference to the baseline's validation loss at the same seed (mean
+and standard deviation over the seeds), and mean routing statistics and throughput.
 
 Points train one after another in this process: a Lightning run leaves nothing behind that changes
 the next one (a point trained after others gives bit-identical metrics to a fresh process). A point
@@ -55,19 +66,21 @@ from jetmoe.training.matching import DEFAULT_MULTIPLE_OF, matched_intermediate_s
 
 log = logging.getLogger("jetmoe.sweep")
 
-FILE_KEYS = ("base", "sweep_dir", "overrides", "grid", "points", "match_active_params")
-CLI_KEYS = ("sweep_dir", "only")  # command-line overrides that change the sweep rather than every point
+FILE_KEYS = ("base", "sweep_dir", "overrides", "grid", "points", "match_active_params", "seeds", "baseline")
+CLI_KEYS = ("sweep_dir", "only", "seeds")  # command-line overrides that change the sweep rather than every point
 MATCH_KEYS = ("reference", "tolerance", "multiple_of")
-POINT_KEYS = ("name", "overrides")
+POINT_KEYS = ("name", "overrides", "match", "upcycle")
 RESERVED = ("run.output_dir", "run.name")  # set by the sweep for every point
 MATCHED = "model.intermediate_size"
 NAME_PARTS = {"num_local_experts": "e", "num_experts_per_tok": "k"}  # grid point names: e8_k2
 RESULTS_CSV, RESULTS_MD, RESULTS_PNG = "results.csv", "results.md", "val_loss_vs_experts.png"
+SUMMARY_CSV, SUMMARY_MD = "summary.csv", "summary.md"
+UPCYCLE_FROM = "model.upcycle_from"
 METRICS_JSON, UTILIZATION_JSON = "metrics.json", "expert_utilization.json"
 
 #: results.csv columns and their types (``read_results`` converts back; empty cells are None).
 COLUMNS: dict[str, type] = {
-    "name": str, "overrides": str, "num_local_experts": int, "num_experts_per_tok": int, "intermediate_size": int,
+    "name": str, "point": str, "seed": int, "overrides": str, "num_local_experts": int, "num_experts_per_tok": int, "intermediate_size": int,
     "params_total": int, "params_active": int, "tokens": int, "train_loss": float, "val_loss": float,
     "val_ppl": float, "tokens_per_sec": float, "imbalance": float, "dead_fraction": float,
     "moa_imbalance": float, "moe_imbalance": float, "moa_dead_fraction": float, "moe_dead_fraction": float,
@@ -85,6 +98,16 @@ class MatchSpec:
 
 
 @dataclass(frozen=True)
+class PointSpec:
+    """A point of a sweep file, before seeds and matching."""
+
+    name: str
+    overrides: tuple[str, ...]  # its own dotlist
+    matched: bool = True  # sized by match_active_params (`match: false`: keeps its own width)
+    upcycle: str | None = None  # an earlier point whose finished run (same seed) this one is upcycled from
+
+
+@dataclass(frozen=True)
 class SweepSpec:
     """A parsed and checked sweep file (plus command-line overrides)."""
 
@@ -92,17 +115,25 @@ class SweepSpec:
     base: Path
     sweep_dir: Path
     overrides: tuple[str, ...]  # shared, then command line: the dotlist every point gets
-    points: tuple[tuple[str, tuple[str, ...]], ...]  # (name, its own dotlist)
+    points: tuple[PointSpec, ...]
     match: MatchSpec | None
     only: tuple[str, ...]  # points to train now; empty: all
     base_config: ExperimentConfig  # the base experiment with `overrides`
+    seeds: tuple[int, ...] = ()  # every point once per seed; empty: once, with the base config's seed
+    baseline: str | None = None  # the point the summary's differences are taken to
+
+    def point(self, name: str) -> PointSpec:
+        return next(point for point in self.points if point.name == name)
 
 
 @dataclass(frozen=True)
 class SweepPoint:
     name: str
-    overrides: tuple[str, ...]  # the point's own dotlist, the matched intermediate_size included
+    overrides: tuple[str, ...]  # the point's own dotlist, its seed and matched intermediate_size included
     config: ExperimentConfig
+    group: str = ""  # the sweep file's point (its name without the seed suffix)
+    seed: int | None = None
+    source: "SweepPoint | None" = None  # the point this one is upcycled from
 
     @property
     def run_dir(self) -> Path:
@@ -116,6 +147,11 @@ class SweepPoint:
     def params(self) -> dict[str, int]:
         return build_model_config(self.config.model).num_parameters()
 
+    @property
+    def upcycled(self) -> bool:
+        """Whether the config names its source's run (only possible once that run has finished)."""
+        return self.config.model.upcycle_from is not None
+
 
 @dataclass
 class SweepResult:
@@ -126,6 +162,7 @@ class SweepResult:
     csv_path: Path
     md_path: Path
     plot_path: Path | None  # None without matplotlib
+    summary: list[dict[str, Any]] | None = None  # with seeds or a baseline: one row per point over its seeds
 
 
 # ----------------------------------------------------------------------------- sweep file
@@ -144,13 +181,21 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
     shared = _dotlist(raw.get("overrides"), f"{source}: overrides")
     base_config = _base_config(base, shared, point_cli, source)
     points = _points(raw, base_config, source)
-    names = [name for name, _ in points]
+    names = [point.name for point in points]
     match = _match_spec(raw.get("match_active_params"), names, source)
-    named = [(f"{source}: overrides", shared), (CLI_SOURCE, point_cli)]
-    for where, dotlist in [*named, *((f"{source}: point {name}", dotlist) for name, dotlist in points)]:
-        _check_keys(dotlist, match is not None, where)
+    named = [(f"{source}: overrides", shared, match is not None), (CLI_SOURCE, point_cli, match is not None)]
+    for where, dotlist, matching in [
+        *named, *((f"{source}: point {p.name}", p.overrides, match is not None and p.matched) for p in points)
+    ]:
+        _check_keys(dotlist, matching, where)
+    seeds = _seeds(sweep_cli["seeds"].split(",") if "seeds" in sweep_cli else raw.get("seeds"),
+                   CLI_SOURCE if "seeds" in sweep_cli else source)
+    baseline = raw.get("baseline")
+    if baseline is not None and baseline not in names:
+        raise ConfigError(f"{source}: baseline: no point named {baseline!r} (points: {', '.join(names)})")
     only = tuple(filter(None, sweep_cli.get("only", "").split(",")))
-    missing = [name for name in only if name not in names]
+    known = {*names, *(f"{name}_s{seed}" for name in names for seed in seeds)}
+    missing = [name for name in only if name not in known]
     if missing:
         raise ConfigError(f"{CLI_SOURCE}: only: no point named {missing[0]!r} (points: {', '.join(names)})")
     return SweepSpec(
@@ -162,7 +207,22 @@ def load_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepSpec:
         match=match,
         only=only,
         base_config=base_config,
+        seeds=seeds,
+        baseline=baseline,
     )
+
+
+def _seeds(raw: Any, source: str) -> tuple[int, ...]:
+    """``seeds``: a non-empty list of distinct integers (from the command line: ``seeds=1,2,3``), or none."""
+    if raw is None:
+        return ()
+    try:
+        seeds = tuple(int(seed) for seed in raw) if isinstance(raw, list) and raw else None
+    except (TypeError, ValueError):
+        seeds = None
+    if seeds is None or any(isinstance(seed, bool) for seed in raw) or len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{source}: seeds must be a non-empty list of distinct integers, got {raw!r}")
+    return seeds
 
 
 def _split_cli(overrides: Sequence[str]) -> tuple[dict[str, str], list[str]]:
@@ -204,20 +264,23 @@ def _base_config(base: Path, shared: list[str], cli: list[str], source: str) -> 
     return load_config(base, [*shared, *cli])
 
 
-def _points(raw: Mapping[str, Any], base_config: ExperimentConfig, source: str) -> list[tuple[str, tuple[str, ...]]]:
+def _points(raw: Mapping[str, Any], base_config: ExperimentConfig, source: str) -> list[PointSpec]:
     if "grid" not in raw and "points" not in raw:
         raise ConfigError(f"{source}: needs a 'grid' (key: [values]) or 'points' (list of name + overrides)")
     points = [*_grid_points(raw.get("grid"), base_config, source), *_named_points(raw.get("points"), source)]
-    names = [name for name, _ in points]
+    names = [point.name for point in points]
     duplicate = next((name for name in names if names.count(name) > 1), None)
     if duplicate:
         raise ConfigError(f"{source}: two points are named {duplicate!r}")
     if not points:
         raise ConfigError(f"{source}: grid: every combination has num_experts_per_tok > num_local_experts")
+    for i, point in enumerate(points):
+        if point.upcycle is not None and point.upcycle not in names[:i]:
+            raise ConfigError(f"{source}: point {point.name}: upcycle must name an earlier point, got {point.upcycle!r}")
     return points
 
 
-def _grid_points(grid: Any, base_config: ExperimentConfig, source: str) -> Iterable[tuple[str, tuple[str, ...]]]:
+def _grid_points(grid: Any, base_config: ExperimentConfig, source: str) -> Iterable[PointSpec]:
     """Cartesian product in file order; combinations with top-k > experts are left out."""
     if grid is None:
         return []
@@ -231,7 +294,7 @@ def _grid_points(grid: Any, base_config: ExperimentConfig, source: str) -> Itera
         values = dict(zip(grid, combo))
         if _topk_exceeds_experts(values, base_config):
             continue
-        points.append((_point_name(values), tuple(_dotlist(values, f"{source}: grid"))))
+        points.append(PointSpec(_point_name(values), tuple(_dotlist(values, f"{source}: grid"))))
     return points
 
 
@@ -251,7 +314,7 @@ def _topk_exceeds_experts(values: Mapping[str, Any], base_config: ExperimentConf
     return isinstance(experts, int) and isinstance(top_k, int) and top_k > experts
 
 
-def _named_points(entries: Any, source: str) -> list[tuple[str, tuple[str, ...]]]:
+def _named_points(entries: Any, source: str) -> list[PointSpec]:
     if entries is None:
         return []
     if not isinstance(entries, list):
@@ -264,7 +327,14 @@ def _named_points(entries: Any, source: str) -> list[tuple[str, tuple[str, ...]]
         unknown = [key for key in entry if key not in POINT_KEYS]
         if unknown:
             raise ConfigError(f"{where}: unknown key '{unknown[0]}' (a point has: {', '.join(POINT_KEYS)})")
-        points.append((entry["name"], tuple(_dotlist(entry.get("overrides"), f"{where}.overrides"))))
+        if not isinstance(entry.get("match", True), bool):
+            raise ConfigError(f"{where}.match must be true or false, got {entry['match']!r}")
+        if not isinstance(entry.get("upcycle", ""), str):
+            raise ConfigError(f"{where}.upcycle must name an earlier point, got {entry['upcycle']!r}")
+        overrides = tuple(_dotlist(entry.get("overrides"), f"{where}.overrides"))
+        if entry.get("upcycle") and any(item.startswith(f"{UPCYCLE_FROM}=") for item in overrides):
+            raise ConfigError(f"{where}: {UPCYCLE_FROM} is set by upcycle: {entry['upcycle']}; drop one of them")
+        points.append(PointSpec(entry["name"], overrides, entry.get("match", True), entry.get("upcycle") or None))
     return points
 
 
@@ -334,9 +404,27 @@ def _strip_cli(err: ConfigError) -> str:
 
 
 def plan_sweep(spec: SweepSpec) -> list[SweepPoint]:
-    """Every point's composed config, active-parameter matched if the sweep asks for it (no training)."""
+    """Every point's composed config, once per seed, active-parameter matched if the sweep asks for it (no
+    training). An upcycled point names its source's run only once that run has finished (`replan_upcycled`)."""
     target = _reference_active(spec) if spec.match else None
-    return [_plan_point(spec, name, dotlist, target) for name, dotlist in spec.points]
+    planned: dict[tuple[str, int | None], SweepPoint] = {}
+    for point in spec.points:
+        for seed in spec.seeds or (None,):
+            name = point.name if seed is None else f"{point.name}_s{seed}"
+            dotlist = point.overrides if seed is None else (*point.overrides, f"run.seed={seed}")
+            source = planned[point.upcycle, seed] if point.upcycle else None
+            matched = _plan_point(spec, name, dotlist, target if point.matched else None, point.name)
+            planned[point.name, seed] = SweepPoint(name, matched.overrides, matched.config, point.name, seed, source)
+            if source is not None and source.finished:
+                planned[point.name, seed] = replan_upcycled(spec, planned[point.name, seed])
+    return list(planned.values())
+
+
+def replan_upcycled(spec: SweepSpec, point: SweepPoint) -> SweepPoint:
+    """An upcycled point's config naming its (finished) source's run directory."""
+    overrides = (*point.overrides, f"{UPCYCLE_FROM}={point.source.run_dir}")
+    return SweepPoint(point.name, overrides, _compose(spec, point.name, overrides), point.group, point.seed,
+                      point.source)
 
 
 def _compose(spec: SweepSpec, name: str, dotlist: Sequence[str]) -> ExperimentConfig:
@@ -350,13 +438,15 @@ def _compose(spec: SweepSpec, name: str, dotlist: Sequence[str]) -> ExperimentCo
 def _reference_active(spec: SweepSpec) -> int:
     if spec.match.reference is None:
         return build_model_config(spec.base_config.model).num_parameters()["active"]
-    dotlist = dict(spec.points)[spec.match.reference]
+    dotlist = spec.point(spec.match.reference).overrides
     return build_model_config(_compose(spec, spec.match.reference, dotlist).model).num_parameters()["active"]
 
 
-def _plan_point(spec: SweepSpec, name: str, dotlist: tuple[str, ...], target: int | None) -> SweepPoint:
+def _plan_point(
+    spec: SweepSpec, name: str, dotlist: tuple[str, ...], target: int | None, group: str
+) -> SweepPoint:
     config = _compose(spec, name, dotlist)
-    if target is None or name == spec.match.reference:
+    if target is None or group == spec.match.reference:
         return SweepPoint(name, dotlist, config)
     size = matched_intermediate_size(build_model_config(config.model), target, spec.match.multiple_of)
     matched = (*dotlist, f"{MATCHED}={size}")
@@ -398,14 +488,24 @@ def run_sweep(path: str | Path, overrides: Sequence[str] = ()) -> SweepResult:
         if point.finished:
             skipped.append(point.name)
             log.info("[%d/%d] %s: finished earlier, skipped", i, len(points), point.name)
-        elif not spec.only or point.name in spec.only:
+        elif not spec.only or point.name in spec.only or point.group in spec.only:
+            if point.source is not None and not point.upcycled:
+                if not point.source.finished:
+                    log.info("[%d/%d] %s: waits for %s", i, len(points), point.name, point.source.name)
+                    continue
+                point = points[i - 1] = replan_upcycled(spec, point)
             resume = (point.run_dir / CHECKPOINTS / LAST_CKPT).is_file()
             log.info("[%d/%d] %s: %s (%s)", i, len(points), point.name, "resuming" if resume else "training",
                      " ".join(point.overrides) or "base")
             train(point.config, resume=resume)
             ran.append(point.name)
     rows = [result_row(point) for point in points if point.finished]
-    return SweepResult(spec.sweep_dir, rows, ran, skipped, *write_results(spec.sweep_dir, rows))
+    files = write_results(spec.sweep_dir, rows)
+    summary = None
+    if spec.seeds or spec.baseline:
+        summary = seed_summary(rows, spec.baseline)
+        write_summary(spec.sweep_dir, summary)
+    return SweepResult(spec.sweep_dir, rows, ran, skipped, *files, summary=summary)
 
 
 def _check_run_dir(point: SweepPoint) -> None:
@@ -434,6 +534,8 @@ def result_row(point: SweepPoint) -> dict[str, Any]:
     m = point.config.model
     return {
         "name": point.name,
+        "point": point.group or point.name,
+        "seed": point.config.run.seed,
         "overrides": " ".join(point.overrides),
         "num_local_experts": m.num_local_experts,
         "num_experts_per_tok": m.num_experts_per_tok,
@@ -484,6 +586,69 @@ def write_results(sweep_dir: Path, rows: Sequence[Mapping[str, Any]]) -> tuple[P
         log.warning("matplotlib is not installed: no %s (pip install 'jetmoe[notebooks]')", RESULTS_PNG)
         return csv_path, md_path, None
     return csv_path, md_path, sweep_dir / RESULTS_PNG
+
+
+#: summary.csv columns: per point over its seeds (std: sample standard deviation, None for one seed).
+SUMMARY_COLUMNS = (
+    "point", "seeds", "params_total", "params_active", "val_loss_mean", "val_loss_std", "delta_mean", "delta_std",
+    "imbalance", "dead_fraction", "moa_dead_fraction", "moe_dead_fraction", "tokens_per_sec",
+)
+
+
+def seed_summary(rows: Sequence[Mapping[str, Any]], baseline: str | None = None) -> list[dict[str, Any]]:
+    """One row per point (its ``point`` column) over its seeds: mean and standard deviation of the validation loss
+    and of its difference to ``baseline``'s at the same seed (seeds the baseline lacks are left out of the
+    difference), and the mean routing statistics and throughput."""
+    base = {row["seed"]: row["val_loss"] for row in rows if row["point"] == baseline}
+    summary = []
+    for point in dict.fromkeys(row["point"] for row in rows):
+        group = [row for row in rows if row["point"] == point and row["val_loss"] is not None]
+        deltas = [row["val_loss"] - base[row["seed"]] for row in group if row["seed"] in base]
+        entry = {"point": point, "seeds": len(group), "params_total": group[0]["params_total"] if group else None,
+                 "params_active": group[0]["params_active"] if group else None}
+        entry["val_loss_mean"], entry["val_loss_std"] = _mean_std([row["val_loss"] for row in group])
+        entry["delta_mean"], entry["delta_std"] = _mean_std(deltas) if baseline and point != baseline else (None, None)
+        for key in ("imbalance", "dead_fraction", "moa_dead_fraction", "moe_dead_fraction", "tokens_per_sec"):
+            entry[key] = _mean_std([row[key] for row in group if row[key] is not None])[0]
+        summary.append(entry)
+    return summary
+
+
+def _mean_std(values: Sequence[float]) -> tuple[float | None, float | None]:
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) == 1:
+        return mean, None
+    return mean, (sum((value - mean) ** 2 for value in values) / (len(values) - 1)) ** 0.5
+
+
+def write_summary(sweep_dir: Path, summary: Sequence[Mapping[str, Any]]) -> None:
+    """``summary.csv`` and ``summary.md`` in ``sweep_dir``."""
+    with open(sweep_dir / SUMMARY_CSV, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(SUMMARY_COLUMNS))
+        writer.writeheader()
+        writer.writerows(summary)
+    (sweep_dir / SUMMARY_MD).write_text(f"# Sweep {sweep_dir.name}: over seeds\n\n{summary_table(summary)}\n")
+
+
+def summary_table(summary: Sequence[Mapping[str, Any]]) -> str:
+    """The summary as Markdown: val loss and Δ as mean ± std."""
+    def pm(mean: float | None, std: float | None, signed: bool = False) -> str:
+        if mean is None:
+            return "–"
+        text = f"{mean:+.4f}" if signed else f"{mean:.4f}"
+        return text if std is None else f"{text} ± {std:.4f}"
+
+    lines = ["| point | seeds | total | active | val loss | Δ vs baseline | imbalance | dead | tokens/s |",
+             "|" + "---|" * 9]
+    for row in summary:
+        cells = [row["point"], str(row["seeds"]), _cell(row["params_total"], "M", ""),
+                 _cell(row["params_active"], "M", ""), pm(row["val_loss_mean"], row["val_loss_std"]),
+                 pm(row["delta_mean"], row["delta_std"], signed=True), _cell(row["imbalance"], "{:.2f}", ""),
+                 _cell(row["dead_fraction"], "{:.2f}", ""), _cell(row["tokens_per_sec"], "{:,.0f}", "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def read_results(sweep_dir: str | Path) -> list[dict[str, Any]]:
@@ -541,8 +706,11 @@ def _millions(count: int) -> str:
 def format_table(result: SweepResult) -> str:
     """What ``jetmoe sweep`` prints: the results table, what ran, and where the files are."""
     files = [result.csv_path, result.md_path] + ([result.plot_path] if result.plot_path else [])
+    if result.summary is not None:
+        files += [result.sweep_dir / SUMMARY_CSV, result.sweep_dir / SUMMARY_MD]
+    summary = "" if result.summary is None else f"{summary_table(result.summary)}\n\n"
     return (
-        f"{markdown_table(result.rows)}\n\n"
+        f"{markdown_table(result.rows)}\n\n{summary}"
         f"sweep dir {result.sweep_dir}: trained {len(result.ran)}, skipped {len(result.skipped)} finished point(s)\n"
         f"results   {', '.join(str(path) for path in files)}"
     )
@@ -591,7 +759,7 @@ def plot_results(rows: Sequence[Mapping[str, Any]], path: str | Path | None = No
     return fig
 
 
-_LINE_KEYS = ("num_local_experts", "num_experts_per_tok", "intermediate_size")  # what varies along a line
+_LINE_KEYS = ("num_local_experts", "num_experts_per_tok", "intermediate_size", "seed")  # what varies along a line
 
 
 def _variant(row: Mapping[str, Any]) -> str:
