@@ -152,6 +152,22 @@ def test_interpret_sweep_compares_each_point_with_the_dense_baseline():
     assert "No dense baseline" in interpret_sweep(SWEEP_ROWS[1:])
 
 
+def test_seeded_points_are_compared_with_the_baseline_of_their_seed():
+    from jetmoe.analysis import interpret_seed_summary
+    from jetmoe.training.sweep import seed_summary
+
+    rows = [{**row, "name": f"{row['name']}_s{seed}", "point": row["name"], "seed": seed,
+             "val_loss": row["val_loss"] + shift, "val_ppl": math.exp(row["val_loss"] + shift),
+             "moa_dead_fraction": 0.0, "moe_dead_fraction": 0.0, "tokens_per_sec": 1.0}
+            for seed, shift in ((1, 0.0), (2, 0.5)) for row in SWEEP_ROWS]
+    text = interpret_sweep(rows, baseline="dense")
+    assert "e8_k2_s2 (8 experts, top-2) reaches val loss 3.4000 vs dense 3.5000 (Δ = -0.1000" in text
+    assert "2 of 4 expert configurations beat the dense baseline" in text
+    verdicts = interpret_seed_summary(seed_summary(rows, "dense"), "dense").splitlines()
+    assert verdicts[0].startswith("e8_k2: Δ = -0.1000 nats vs dense over 2 seed(s); better beyond noise")
+    assert "worse beyond noise" in verdicts[1]  # e2_k1: +0.1 at both seeds, spread 0
+
+
 def test_plots_return_figures(model, tokenizer):
     pytest.importorskip("matplotlib")
     from jetmoe.analysis import plot_load_heatmaps, plot_stage_entropy, plot_type_preference, plot_utilization

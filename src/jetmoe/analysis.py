@@ -316,18 +316,23 @@ def routing_by_stage(models: Mapping[str, JetMoeForCausalLM], tokenizer: Tokeniz
 
 
 def interpret_sweep(rows: Sequence[Mapping[str, Any]], baseline: str | None = None) -> str:
-    """A few sentences comparing every point with the dense baseline (``baseline`` or the 1-expert point)."""
+    """A few sentences comparing every point with the dense baseline (``baseline`` or the 1-expert point) of its
+    seed (a seeded sweep has one baseline run per seed; the first one stands in for a seed without its own)."""
     done = [row for row in rows if row["val_loss"] is not None]
-    dense = next((row for row in done if _is_baseline(row, baseline)), None)
-    if dense is None:
+    bases: dict[Any, Mapping[str, Any]] = {}
+    for row in done:
+        if _is_baseline(row, baseline):
+            bases.setdefault(row.get("seed"), row)
+    if not bases:
         return f"No dense baseline ({baseline or 'a 1-expert point'}) among the finished points: nothing to compare."
+    first = next(iter(bases.values()))
     lines = [f"Dense baseline {dense['name']}: val loss {dense['val_loss']:.4f} (ppl {dense['val_ppl']:.2f}), "
              f"{dense['params_active']:,} active = {dense['params_total']:,} total parameters, "
-             f"{dense['tokens']:,} tokens."]
-    others = sorted((row for row in done if row is not dense), key=lambda row: row["val_loss"])
-    lines += [_versus_dense(row, dense) for row in others]
+             f"{dense['tokens']:,} tokens." for dense in bases.values()]
+    others = sorted((row for row in done if row not in bases.values()), key=lambda row: row["val_loss"])
+    lines += [_versus_dense(row, bases.get(row.get("seed"), first)) for row in others]
     if others:
-        better = sum(row["val_loss"] < dense["val_loss"] for row in others)
+        better = sum(row["val_loss"] < bases.get(row.get("seed"), first)["val_loss"] for row in others)
         lines.append(f"{better} of {len(others)} expert configurations beat the dense baseline; "
                      f"best: {others[0]['name']}.")
     return "\n".join(lines)

@@ -724,7 +724,7 @@ def plot_results(rows: Sequence[Mapping[str, Any]], path: str | Path | None = No
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, MaxNLocator
 
-    fig = Figure(figsize=(15, 4.5), layout="constrained")
+    fig = Figure(figsize=(15, 5.5), layout="constrained")
     axes = fig.subplots(1, 3, sharey=True)
     done = [row for row in rows if row["val_loss"] is not None]
     mixtures = [row for row in done if row["num_local_experts"] > 1]
@@ -735,9 +735,13 @@ def plot_results(rows: Sequence[Mapping[str, Any]], path: str | Path | None = No
             style = "o" if key == "params_active" else "o-"  # matched active counts: a scatter
             label = f"MoA+MoE top-{top_k}" + (f", {variant}" if variant else "")
             ax.plot([row[key] for row in line], [row["val_loss"] for row in line], style, label=label)
+        labelled = set()
         for row in done:
             if row["num_local_experts"] == 1:
-                ax.plot(row[key], row["val_loss"], "k*", markersize=14, label=f"dense ({row['name']})")
+                group = row.get("point") or row["name"]
+                label = None if group in labelled else f"dense ({group})"
+                labelled.add(group)
+                ax.plot(row[key], row["val_loss"], "k*", markersize=14, label=label)
                 ax.axhline(row["val_loss"], color="k", linestyle="--", linewidth=0.8)
         ax.grid(alpha=0.3)
     experts_ax, total_ax, active_ax = axes
@@ -747,26 +751,32 @@ def plot_results(rows: Sequence[Mapping[str, Any]], path: str | Path | None = No
     _ticks_at(total_ax, [row["params_total"] for row in done], _millions)
     active_ax.xaxis.set_major_locator(MaxNLocator(4))
     active_ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:.4g}M"))
-    for row in done:
-        active_ax.annotate(row["name"], (row["params_active"], row["val_loss"]), fontsize=8, xytext=(4, 2),
+    groups: dict[str, list[Mapping[str, Any]]] = {}
+    for row in done:  # one label per point, at its seeds' mean
+        groups.setdefault(row.get("point") or row["name"], []).append(row)
+    for group, runs in groups.items():
+        mean_loss = sum(row["val_loss"] for row in runs) / len(runs)
+        active_ax.annotate(group, (runs[0]["params_active"], mean_loss), fontsize=8, xytext=(4, 2),
                            textcoords="offset points")
     experts_ax.set(xlabel="experts per layer (MoA and MoE)", ylabel="final validation loss")
     total_ax.set_xlabel("total parameters")
     active_ax.set_xlabel("active parameters per token")
-    experts_ax.legend()
+    fig.legend(*experts_ax.get_legend_handles_labels(), loc="outside lower center", ncols=3, fontsize=8)
     if path is not None:
         fig.savefig(path, dpi=120)
     return fig
 
 
-_LINE_KEYS = ("num_local_experts", "num_experts_per_tok", "intermediate_size", "seed")  # what varies along a line
+_LINE_KEYS = ("num_local_experts", "num_experts_per_tok", "intermediate_size")  # what varies along a line
+_RUN_KEYS = ("seed", "upcycle_from", "skip_batches")  # which run a point is, not which model
 
 
 def _variant(row: Mapping[str, Any]) -> str:
-    """A point's overrides besides expert counts and the matched width, short keys: '' for plain grid points."""
+    """A point's overrides besides expert counts, the matched width and the run plumbing, short keys: '' for plain
+    grid points."""
     items = (item.split("=", 1) for item in (row.get("overrides") or "").split())
     short = ((key.rpartition(".")[2], value) for key, value in items)
-    return " ".join(f"{key}={value}" for key, value in short if key not in _LINE_KEYS)
+    return " ".join(f"{key}={value}" for key, value in short if key not in _LINE_KEYS + _RUN_KEYS)
 
 
 def _ticks_at(ax, values: Sequence[float], label) -> None:
