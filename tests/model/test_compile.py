@@ -27,10 +27,10 @@ def test_training_step_traces_as_one_graph(tiny_config):
     assert model.lm_head.weight.grad is not None
 
 
-@pytest.mark.parametrize("batch, experts", [(1, 4), (3, 4), (1, 8)])
+@pytest.mark.parametrize("batch, experts", [(1, 4), (1, 8), (3, 4), (3, 8)])
 def test_decode_step_traces_as_one_graph_with_eager_numbers(tiny_config, batch, experts):
-    """8 experts: the few-row expert loop's output rows are a sum of 8 unbacked counts, which the MLP's second product
-    must see as the routed rows again."""
+    """Batch 1: a product per routed row. Batch 3: a product per expert, whose output rows are a sum of unbacked
+    counts (8 of them with 8 experts) that the MLP's second product must see as the routed rows again."""
     tiny_config = tiny_config.replace(num_local_experts=experts)
     model = JetMoeForCausalLM(tiny_config).eval()
     step = torch.compile(decode_step, fullgraph=True, backend="aot_eager")

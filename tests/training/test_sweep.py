@@ -44,15 +44,17 @@ def write_sweep(tmp_path: Path, body: str, name: str = "sweep.yaml") -> Path:
     return path
 
 
+def write_tiny_sweep(root: Path, body: str, cache: bool = True) -> Path:
+    """A sweep over the default experiment at the tiny size (`TINY`), its runs under `root/out`, then `body`."""
+    cache_line = f"  data.cache_dir: {root}/cache\n" if cache else ""
+    return write_sweep(root, f"base: {DEFAULT}\nsweep_dir: {root}/out\noverrides:\n{TINY}{cache_line}{body}")
+
+
 @pytest.fixture(scope="module")
 def finished_sweep(tmp_path_factory) -> tuple[Path, object]:
     """A two-point grid (1 and 2 experts, top-1), active-parameter matched, trained once for the module."""
     root = tmp_path_factory.mktemp("sweep")
-    path = write_sweep(root, f"""\
-base: {DEFAULT}
-sweep_dir: {root}/out
-overrides:
-{TINY}  data.cache_dir: {root}/cache
+    path = write_tiny_sweep(root, """\
 grid:
   model.num_local_experts: [1, 2]
   model.num_experts_per_tok: [1, 2]
@@ -208,22 +210,19 @@ def test_plot_draws_one_line_per_top_k_and_variant():
 
 
 def test_seeds_expand_every_point_and_unmatched_points_keep_their_width(tmp_path):
-    path = write_sweep(tmp_path, f"""\
-base: {DEFAULT}
-sweep_dir: {tmp_path}/out
-overrides:
-{TINY}grid:
+    path = write_tiny_sweep(tmp_path, """\
+grid:
   model.num_local_experts: [4]
 points:
   - name: dense
-    overrides: {{model.num_local_experts: 1, model.num_experts_per_tok: 1}}
+    overrides: {model.num_local_experts: 1, model.num_experts_per_tok: 1}
   - name: wide
     match: false
-    overrides: {{model.intermediate_size: 200}}
-match_active_params: {{reference: e4}}
+    overrides: {model.intermediate_size: 200}
+match_active_params: {reference: e4}
 seeds: [3, 5]
 baseline: dense
-""")
+""", cache=False)
     points = {point.name: point for point in plan_sweep(load_sweep(path))}
     assert list(points) == ["e4_s3", "e4_s5", "dense_s3", "dense_s5", "wide_s3", "wide_s5"]
     assert points["dense_s5"].config.run.seed == 5 and points["dense_s5"].group == "dense"
@@ -248,17 +247,13 @@ def test_seed_summary_pairs_the_baseline_by_seed():
 
 
 def test_an_upcycled_point_trains_from_its_source_run(tmp_path):
-    path = write_sweep(tmp_path, f"""\
-base: {DEFAULT}
-sweep_dir: {tmp_path}/out
-overrides:
-{TINY}  data.cache_dir: {tmp_path}/cache
+    path = write_tiny_sweep(tmp_path, """\
 points:
   - name: dense
-    overrides: {{model.num_local_experts: 1, model.num_experts_per_tok: 1}}
+    overrides: {model.num_local_experts: 1, model.num_experts_per_tok: 1}
   - name: upcycled
     upcycle: dense
-    overrides: {{data.skip_batches: 4}}
+    overrides: {data.skip_batches: 4}
 baseline: dense
 """)
     planned = {point.name: point for point in plan_sweep(load_sweep(path))}

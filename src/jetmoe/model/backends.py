@@ -84,10 +84,11 @@ class CpuOps(FusedOps):
     """On the CPU, products of at most `FEW_ROWS` rows (decode steps) in the form MKL streams a weight fastest, and
     an expert layer of at most `LOOP_ROWS` routed rows as one such product per expert, with the row counts read on
     the host: on the CPU that is no device synchronisation, and the grouped GEMM of so few rows costs more. A
-    compiled graph reads the counts as unbacked sizes, so there every expert's slice (empty ones too) is multiplied
-    without the row padding."""
+    compiled decode step of one sequence multiplies each routed row by its own expert's weight
+    (`_few_row_products`); the decode rows of bench/bench_vs_transformers.py measure both modes."""
 
     LOOP_ROWS = 2 * FEW_ROWS
+    ROW_PRODUCT_ROWS = 4  # compiled: at most this many routed rows (one sequence, top-2 to 4) take a product each
 
     def linear(self, x, w_OI):
         if x.dtype == torch.float32 and x.shape[:-1].numel() <= FEW_ROWS:
@@ -97,24 +98,38 @@ class CpuOps(FusedOps):
     def expert_linear(self, x_MI, w_EOI, routing):
         if x_MI.shape[0] > self.LOOP_ROWS:
             return super().expert_linear(x_MI, w_EOI, routing)
-        return self._per_expert_products(x_MI, w_EOI, routing)
+        return self._few_row_products(x_MI, w_EOI, routing, x_MI.shape[0])
 
     def expert_mlp(self, x_MD, w_E2FD, w_EDF, activation, routing):
-        """Both products chosen by the rows coming in: in a compiled graph the first product's rows are a sum of
-        unbacked counts, which the second could not compare with `LOOP_ROWS`."""
-        if x_MD.shape[0] > self.LOOP_ROWS:
+        """Both products chosen by the rows coming in: in a compiled graph the first product's rows can be a sum of
+        unbacked counts, which the second could not compare with a row limit."""
+        rows = x_MD.shape[0]
+        if rows > self.LOOP_ROWS:
             return super().expert_mlp(x_MD, w_E2FD, w_EDF, activation, routing)
-        h_M2F = self._per_expert_products(x_MD, w_E2FD, routing)
-        return self._per_expert_products(self.glu(h_M2F, activation), w_EDF, routing)
+        h_M2F = self._few_row_products(x_MD, w_E2FD, routing, rows)
+        return self._few_row_products(self.glu(h_M2F, activation), w_EDF, routing, rows)
 
-    def _per_expert_products(self, x_MI, w_EOI, routing):
-        if torch.compiler.is_compiling():
-            chunks = x_MI.split(routing.counts_E.tolist())
-            return torch.cat([torch.mm(w_EOI[e], chunk_I.t()).t() for e, chunk_I in enumerate(chunks)])
-        ends = routing.offsets_E.tolist()
-        starts = [0, *ends[:-1]]
-        return torch.cat([self.linear(x_MI[start:end], w_EOI[e])
-                          for e, (start, end) in enumerate(zip(starts, ends)) if end > start])
+    def _few_row_products(self, x_MI, w_EOI, routing, rows: int):
+        """The products of at most `LOOP_ROWS` sorted rows (`rows`: their count as the caller knows it). Eager: one
+        product per expert that has rows, the counts read on the host. Compiled: at most `ROW_PRODUCT_ROWS` rows
+        take a product each with a view of their expert's weight (the expert read as a host scalar: no empty
+        products); more take every expert's slice, sized by unbacked counts, without the few-row padding."""
+        if not torch.compiler.is_compiling():
+            ends = routing.offsets_E.tolist()
+            starts = [0, *ends[:-1]]
+            return torch.cat([self.linear(x_MI[start:end], w_EOI[e])
+                              for e, (start, end) in enumerate(zip(starts, ends)) if end > start])
+        if rows <= self.ROW_PRODUCT_ROWS:
+            experts_M = routing.experts_Nk.flatten()[routing.slot_M]
+            products = []
+            for m in range(rows):
+                e = experts_M[m].item()
+                torch._check(e >= 0)
+                torch._check(e < w_EOI.shape[0])
+                products.append(self.linear(x_MI[m:m + 1], w_EOI[e]))
+            return torch.cat(products)
+        chunks = x_MI.split(routing.counts_E.tolist())
+        return torch.cat([torch.mm(w_EOI[e], chunk_I.t()).t() for e, chunk_I in enumerate(chunks)])
 
 
 class CpuBf16Ops(CpuOps):
