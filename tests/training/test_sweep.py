@@ -38,6 +38,12 @@ TINY = """\
 """
 
 
+DENSE_POINT = """\
+  - name: dense
+    overrides: {model.num_local_experts: 1, model.num_experts_per_tok: 1}
+"""
+
+
 def write_sweep(tmp_path: Path, body: str, name: str = "sweep.yaml") -> Path:
     path = tmp_path / name
     path.write_text(body)
@@ -210,16 +216,14 @@ def test_plot_draws_one_line_per_top_k_and_variant():
 
 
 def test_seeds_expand_every_point_and_unmatched_points_keep_their_width(tmp_path):
-    path = write_tiny_sweep(tmp_path, """\
+    path = write_tiny_sweep(tmp_path, f"""\
 grid:
   model.num_local_experts: [4]
 points:
-  - name: dense
-    overrides: {model.num_local_experts: 1, model.num_experts_per_tok: 1}
-  - name: wide
+{DENSE_POINT}  - name: wide
     match: false
-    overrides: {model.intermediate_size: 200}
-match_active_params: {reference: e4}
+    overrides: {{model.intermediate_size: 200}}
+match_active_params: {{reference: e4}}
 seeds: [3, 5]
 baseline: dense
 """, cache=False)
@@ -247,13 +251,11 @@ def test_seed_summary_pairs_the_baseline_by_seed():
 
 
 def test_an_upcycled_point_trains_from_its_source_run(tmp_path):
-    path = write_tiny_sweep(tmp_path, """\
+    path = write_tiny_sweep(tmp_path, f"""\
 points:
-  - name: dense
-    overrides: {model.num_local_experts: 1, model.num_experts_per_tok: 1}
-  - name: upcycled
+{DENSE_POINT}  - name: upcycled
     upcycle: dense
-    overrides: {data.skip_batches: 4}
+    overrides: {{data.skip_batches: 4}}
 baseline: dense
 """)
     planned = {point.name: point for point in plan_sweep(load_sweep(path))}
