@@ -10,6 +10,23 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+class _NoAutograd:
+    """The `ctx` of a forward run outside autograd: nothing is saved."""
+
+    @staticmethod
+    def save_for_backward(*tensors: torch.Tensor) -> None:
+        pass
+
+
+def _run(function: type[torch.autograd.Function], *args):
+    """`function.apply(*args)`, or with grad mode off its forward alone: no backward can be asked for then, and
+    `apply`'s bookkeeping is a visible share of an eager decode step (the decode rows of
+    bench/bench_vs_transformers.py)."""
+    if torch.is_grad_enabled():
+        return function.apply(*args)
+    return function.forward(_NoAutograd, *args)
+
+
 # ----------------------------------------------------------------------------- row permutations
 
 
@@ -28,7 +45,7 @@ class _GatherRows(torch.autograd.Function):
 def gather_rows(x: torch.Tensor, index: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
     """`x[index]` for a permutation `index` of the rows; `inverse` is its inverse permutation, so the backward is
     a gather too (no accumulating scatter)."""
-    return _GatherRows.apply(x, index, inverse)
+    return _run(_GatherRows, x, index, inverse)
 
 
 class _DispatchTokens(torch.autograd.Function):
@@ -47,7 +64,7 @@ def dispatch_tokens(x_ND: torch.Tensor, token_M: torch.Tensor, rank_Nk: torch.Te
     """`x_ND[token_M]`: every token copied to its k routed rows. `rank_Nk[n, j]` is the row of token n's j-th copy,
     so the backward sums each token's k gradient rows in one gather-and-sum pass (`embedding_bag`), with no
     scatter-add."""
-    return _DispatchTokens.apply(x_ND, token_M, rank_Nk)
+    return _run(_DispatchTokens, x_ND, token_M, rank_Nk)
 
 
 class _Mix(torch.autograd.Function):
@@ -76,7 +93,7 @@ def mix(
 ) -> torch.Tensor:
     """`bias + Σ_j gates[n, j] · y[rank[n, j]]`: each token's k expert rows mixed by its gates in one gather, scale
     and sum pass (`embedding_bag` with per-sample weights), without a `[M, D]` temporary."""
-    return _Mix.apply(y_MD, gates_Nk, bias_D, rank_Nk, token_M, slot_M)
+    return _run(_Mix, y_MD, gates_Nk, bias_D, rank_Nk, token_M, slot_M)
 
 
 # ----------------------------------------------------------------------------- GLU
@@ -108,7 +125,7 @@ class _SiluGLU(torch.autograd.Function):
 def silu_glu(h_M2F: torch.Tensor) -> torch.Tensor:
     """`silu(gate) * up` for `h = (gate | up)`; the backward writes both halves of one gradient tensor (autograd's
     default would concatenate two)."""
-    return _SiluGLU.apply(h_M2F)
+    return _run(_SiluGLU, h_M2F)
 
 
 # ----------------------------------------------------------------------------- rotary embeddings
@@ -143,7 +160,7 @@ class _Rotary(torch.autograd.Function):
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Rotary embedding `x * cos + rotate_half(x) * sin` (cos/sin broadcast against x; they get no gradient), in
     two passes where the formula takes four."""
-    return _Rotary.apply(x, cos, sin)
+    return _run(_Rotary, x, cos, sin)
 
 
 # ----------------------------------------------------------------------------- RMSNorm
@@ -182,4 +199,4 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """`weight · cast(x32 · rsqrt(mean(x32²) + eps))` with x32 = x in fp32 (transformers' JetMoeRMSNorm), in three
     passes over `x` where autograd's composition takes six and keeps fp32 copies for backward."""
-    return _RMSNorm.apply(x, weight, eps)
+    return _run(_RMSNorm, x, weight, eps)
