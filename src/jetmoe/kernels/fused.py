@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+
 class _NoAutograd:
     """The `ctx` of a forward run outside autograd: nothing is saved."""
 
