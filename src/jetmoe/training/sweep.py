@@ -728,6 +728,9 @@ def plot_results(rows: Sequence[Mapping[str, Any]], path: str | Path | None = No
     axes = fig.subplots(1, 3, sharey=True)
     done = [row for row in rows if row["val_loss"] is not None]
     mixtures = [row for row in done if row["num_local_experts"] > 1]
+    groups: dict[str, list[Mapping[str, Any]]] = {}  # a point's runs, one per seed
+    for row in done:
+        groups.setdefault(row.get("point") or row["name"], []).append(row)
     for ax, key in zip(axes, ("num_local_experts", "params_total", "params_active")):
         for top_k, variant in sorted({(row["num_experts_per_tok"], _variant(row)) for row in mixtures}):
             line = sorted((row for row in mixtures if (row["num_experts_per_tok"], _variant(row)) == (top_k, variant)),
@@ -735,14 +738,11 @@ def plot_results(rows: Sequence[Mapping[str, Any]], path: str | Path | None = No
             style = "o" if key == "params_active" else "o-"  # matched active counts: a scatter
             label = f"MoA+MoE top-{top_k}" + (f", {variant}" if variant else "")
             ax.plot([row[key] for row in line], [row["val_loss"] for row in line], style, label=label)
-        labelled = set()
-        for row in done:
-            if row["num_local_experts"] == 1:
-                group = row.get("point") or row["name"]
-                label = None if group in labelled else f"dense ({group})"
-                labelled.add(group)
-                ax.plot(row[key], row["val_loss"], "k*", markersize=14, label=label)
-                ax.axhline(row["val_loss"], color="k", linestyle="--", linewidth=0.8)
+        for group, runs in groups.items():
+            for run in runs if runs[0]["num_local_experts"] == 1 else ():  # the legend names each dense point once
+                label = f"dense ({group})" if run is runs[0] else None
+                ax.plot(run[key], run["val_loss"], "k*", markersize=14, label=label)
+                ax.axhline(run["val_loss"], color="k", linestyle="--", linewidth=0.8)
         ax.grid(alpha=0.3)
     experts_ax, total_ax, active_ax = axes
     experts_ax.set_xscale("log", base=2)
@@ -751,10 +751,7 @@ def plot_results(rows: Sequence[Mapping[str, Any]], path: str | Path | None = No
     _ticks_at(total_ax, [row["params_total"] for row in done], _millions)
     active_ax.xaxis.set_major_locator(MaxNLocator(4))
     active_ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x / 1e6:.4g}M"))
-    groups: dict[str, list[Mapping[str, Any]]] = {}
-    for row in done:  # one label per point, at its seeds' mean
-        groups.setdefault(row.get("point") or row["name"], []).append(row)
-    for group, runs in groups.items():
+    for group, runs in groups.items():  # one label per point, at its seeds' mean
         mean_loss = sum(row["val_loss"] for row in runs) / len(runs)
         active_ax.annotate(group, (runs[0]["params_active"], mean_loss), fontsize=8, xytext=(4, 2),
                            textcoords="offset points")
